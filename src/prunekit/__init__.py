@@ -1,0 +1,48 @@
+"""prunekit: make PyTorch models smaller and faster by pruning.
+
+Every pruning method is a choice along four axes, composed by :class:`Pruner`:
+
+- granularity (:mod:`prunekit.granularity`): which weights go together;
+- criterion (:mod:`prunekit.criteria`): how they are scored;
+- scope (``"local"`` / ``"global"``, :mod:`prunekit.selection`): where scores are compared;
+- schedule (:mod:`prunekit.schedules`): when, and how much.
+
+Quick start::
+
+    import prunekit as pk
+    pk.prune(model, sparsity=0.9, criterion="magnitude", granularity="weight", scope="global")
+    print(pk.summary(model))
+"""
+
+from .criteria import Criterion, Custom, Gradient, L2Magnitude, Magnitude, Movement, Random
+from .granularity import NM, Block, Granularity
+from .masks import masked_parameters
+from .pruner import Pruner, prune
+from .schedules import Gradual, Iterative, OneShot, Schedule, epochs_to_steps
+from .summary import LayerStats, Summary, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Block",
+    "Criterion",
+    "Custom",
+    "Gradient",
+    "Gradual",
+    "Granularity",
+    "Iterative",
+    "L2Magnitude",
+    "LayerStats",
+    "Magnitude",
+    "Movement",
+    "NM",
+    "OneShot",
+    "Pruner",
+    "Random",
+    "Schedule",
+    "Summary",
+    "epochs_to_steps",
+    "masked_parameters",
+    "prune",
+    "summary",
+]

@@ -1,0 +1,91 @@
+"""Binary masks: how prunekit stores which weights are kept.
+
+A mask M has the shape of the parameter it belongs to; ``True`` means *kept*. Pruning sets the pruned
+weights to zero **in place** (f(x; M ⊙ W)), so the model never holds a second copy of its weights,
+unlike ``torch.nn.utils.prune``, which keeps ``weight_orig`` plus a float mask and rebuilds the weight
+in a forward pre-hook.
+
+On the module the mask is stored bit-packed (one bit per weight) as a *non-persistent* buffer named
+``_pk_mask_<param>``. Non-persistent means:
+
+- it travels with ``copy.deepcopy``, ``pickle`` and ``torch.save(model)``;
+- it is **not** part of ``model.state_dict()``, so the pruned weights load into a fresh instance of
+  the same class with ``load_state_dict(strict=True)``; the masks themselves are saved and restored
+  through :meth:`prunekit.Pruner.state_dict`.
+
+During training the pruner keeps an unpacked ``bool`` copy (one byte per weight) for fast
+enforcement; see :class:`prunekit.Pruner`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MASK_PREFIX = "_pk_mask_"
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+_BIT_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor into a flat ``uint8`` tensor, 8 entries per byte (most significant bit first).
+
+    The shape is not stored: pass it to :func:`unpack_mask`.
+    """
+    flat = keep.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = _BIT_WEIGHTS.to(flat.device)
+    # Each row of 8 bits times its place values sums to at most 255, so uint8 cannot overflow.
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: return a ``bool`` tensor of ``shape``."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    shifts = _BIT_SHIFTS.to(packed.device)
+    bits = (packed.unsqueeze(1) >> shifts) & 1
+    return bits.reshape(-1)[:numel].bool().reshape(shape)
+
+
+def mask_buffer_name(param_name: str) -> str:
+    return MASK_PREFIX + param_name
+
+
+def get_mask(module: nn.Module, param_name: str) -> torch.Tensor | None:
+    """Return the boolean keep-mask of ``module.<param_name>``, or ``None`` if it has none."""
+    packed = module._buffers.get(mask_buffer_name(param_name))
+    if packed is None:
+        return None
+    return unpack_mask(packed, getattr(module, param_name).shape)
+
+
+def set_mask(module: nn.Module, param_name: str, keep: torch.Tensor) -> None:
+    """Store ``keep`` (bool, the parameter's shape) on the module and zero the pruned weights in place."""
+    param = getattr(module, param_name)
+    if keep.shape != param.shape:
+        raise ValueError(f"mask shape {tuple(keep.shape)} does not match {param_name} shape {tuple(param.shape)}")
+    module.register_buffer(mask_buffer_name(param_name), pack_mask(keep), persistent=False)
+    with torch.no_grad():
+        param.mul_(keep)
+
+
+def remove_mask(module: nn.Module, param_name: str) -> None:
+    """Forget the mask of ``module.<param_name>``; the weights keep their zeros."""
+    module._buffers.pop(mask_buffer_name(param_name), None)
+
+
+def masked_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All masks stored on ``model``, as ``{"<module>.<param>": bool mask}``."""
+    found = {}
+    for module_name, module in model.named_modules():
+        for buffer_name in list(module._buffers):
+            if buffer_name.startswith(MASK_PREFIX):
+                param_name = buffer_name[len(MASK_PREFIX) :]
+                full = f"{module_name}.{param_name}" if module_name else param_name
+                found[full] = get_mask(module, param_name)
+    return found

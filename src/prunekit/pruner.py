@@ -1,0 +1,539 @@
+"""The pruner: composes a criterion, a granularity, a scope and a schedule, and keeps masks enforced.
+
+:class:`Pruner` is used during training (call :meth:`Pruner.step` after every optimizer step);
+:func:`prune` is the one-shot shortcut. Both validate everything before they touch the model, so a
+call that raises leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import masks as mask_store
+from .criteria import Criterion, Magnitude, get_criterion
+from .granularity import NM, Granularity, get_granularity
+from .schedules import OneShot, Schedule
+from .selection import prune_lowest
+from .targets import LayerSelector, Target, check_sparsity, find_targets, resolve_layer_sparsity
+
+SCOPES = ("local", "global")
+_STATE_VERSION = 1
+
+
+class Pruner:
+    """Prune ``model`` to ``sparsity`` following a schedule, and keep the pruned weights at zero.
+
+    Args:
+        model: any ``nn.Module``; its Linear and Conv weights are pruned unless ``include``/``exclude`` say otherwise.
+        sparsity: final fraction of units to prune, in [0, 1) (0.9 = 90%). Not needed with ``pk.NM``.
+        criterion: ``"magnitude"`` (L1), ``"l2"``, ``"gradient"``, ``"movement"``, ``"random"``, a
+            :class:`~prunekit.criteria.Criterion` or a function ``fn(weight, module) -> scores``.
+        granularity: ``"weight"``, ``"kernel"``, ``"out_channel"``, ``"in_channel"``, ``pk.Block(h, w)`` or ``pk.NM(n, m)``.
+        scope: ``"local"`` (every layer pruned to the same sparsity) or ``"global"`` (one threshold for
+            all layers not listed in ``layer_sparsity``).
+        schedule: ``pk.OneShot``, ``pk.Iterative`` or ``pk.Gradual``; default ``pk.OneShot(at=0)``.
+        layer_sparsity: ``{name pattern: sparsity}`` overrides; those layers are pruned on their own
+            (0.0 leaves a layer dense). The first matching pattern wins.
+        include / exclude: module types or name patterns choosing the layers (see :mod:`prunekit.targets`).
+        min_kept: units every layer keeps whatever the scope says (default 1), so no layer is ever
+            emptied and no path through the network is cut.
+        example_inputs: a tensor or tuple of tensors, used by :meth:`summary` to count MACs.
+        data / loss_fn: batches and loss for the gradient criteria (see :mod:`prunekit.criteria`).
+        optimizer: attach it to zero its state at pruned entries and re-apply masks right after each
+            of its steps (see :meth:`attach_optimizer`).
+        seed: seed of the ``"random"`` criterion.
+        mask_gradients: zero the gradients of pruned weights during backward (default True). With
+            zeroed gradients and cleared optimizer state, SGD (momentum, weight decay), Adam and AdamW
+            never move a pruned weight.
+
+    Masks only grow: a pruned unit stays pruned until :meth:`remove`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float | None = None,
+        *,
+        criterion: str | Criterion | Callable = "magnitude",
+        granularity: str | Granularity = "weight",
+        scope: str = "local",
+        schedule: Schedule | None = None,
+        layer_sparsity: Mapping[str, float] | None = None,
+        include: LayerSelector | Iterable[LayerSelector] | None = None,
+        exclude: LayerSelector | Iterable[LayerSelector] | None = None,
+        min_kept: int = 1,
+        example_inputs: Any = None,
+        data: Iterable | None = None,
+        loss_fn: Callable | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        seed: int = 0,
+        mask_gradients: bool = True,
+    ):
+        self.granularity = get_granularity(granularity)
+        self.sparsity_target = _final_sparsity(sparsity, self.granularity)
+        self.criterion = get_criterion(criterion, data=data, loss_fn=loss_fn, seed=seed)
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}; valid scopes are {', '.join(map(repr, SCOPES))}")
+        self.scope = scope
+        schedule = OneShot(at=0) if schedule is None else schedule
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be pk.OneShot, pk.Iterative or pk.Gradual, got {schedule!r}")
+        if schedule.initial > self.sparsity_target:
+            raise ValueError(
+                f"the schedule starts at sparsity {schedule.initial} above the final sparsity {self.sparsity_target}"
+            )
+        self.schedule = schedule
+        if isinstance(min_kept, bool) or not isinstance(min_kept, int) or min_kept < 0:
+            raise ValueError(f"min_kept must be a whole number of units ≥ 0, got {min_kept!r}")
+        self.min_kept = min_kept
+        self.model = model
+        self.targets: list[Target] = find_targets(model, include, exclude)
+        self.layer_sparsity = resolve_layer_sparsity(self.targets, layer_sparsity)
+        for target in self.targets:
+            self.granularity.validate(target)
+        if isinstance(self.granularity, NM) and any(v != 0.0 for v in self.layer_sparsity.values()):
+            raise ValueError("with pk.NM a layer_sparsity override can only be 0.0 (leave that layer dense)")
+        self.example_inputs = example_inputs
+        self.mask_gradients = mask_gradients
+
+        self.step_count = 0
+        self._last_event = -1
+        self._rewind_step: int | None = None
+        self._rewind_state: dict[str, torch.Tensor] | None = None
+        self._keep_cache: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._removed = False
+
+        self._handles += self.criterion.observe(self.targets)
+        if mask_gradients:
+            for module, param_name, full_name in self._maskable():
+                param = getattr(module, param_name)
+                self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(full_name)))
+        if optimizer is not None:
+            self.attach_optimizer(optimizer)
+
+    # ------------------------------------------------------------------ masks
+
+    def _maskable(self) -> list[tuple[nn.Module, str, str]]:
+        """(module, parameter name, full name) of every parameter this pruner may mask."""
+        found = []
+        for target in self.targets:
+            found.append((target.module, target.param_name, target.full_name))
+            if self.granularity.prunes_bias and target.bias is not None:
+                found.append((target.module, "bias", f"{target.name}.bias" if target.name else "bias"))
+        return found
+
+    def _keep(self, module: nn.Module, param_name: str, full_name: str) -> torch.Tensor | None:
+        """The bool keep-mask, unpacked once and cached while masks are being enforced."""
+        keep = self._keep_cache.get(full_name)
+        if keep is None:
+            keep = mask_store.get_mask(module, param_name)
+            if keep is not None:
+                self._keep_cache[full_name] = keep
+        return keep
+
+    def _grad_hook(self, full_name: str):
+        module, param_name = next((m, p) for m, p, n in self._maskable() if n == full_name)
+
+        def hook(param: torch.Tensor) -> None:
+            keep = self._keep(module, param_name, full_name)
+            if keep is not None and param.grad is not None:
+                param.grad.mul_(keep)
+
+        return hook
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{"<layer>.weight": bool keep-mask}`` for every masked parameter (True = kept)."""
+        found = {}
+        for module, param_name, full_name in self._maskable():
+            keep = mask_store.get_mask(module, param_name)
+            if keep is not None:
+                found[full_name] = keep
+        return found
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero every pruned weight in place (:meth:`step` does this; call it after editing weights yourself)."""
+        self._check_alive()
+        for module, param_name, full_name in self._maskable():
+            keep = self._keep(module, param_name, full_name)
+            if keep is not None:
+                getattr(module, param_name).mul_(keep)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the targeted weights that are pruned now (biases not counted)."""
+        total = pruned = 0
+        for target in self.targets:
+            total += target.param.numel()
+            keep = mask_store.get_mask(target.module, target.param_name)
+            if keep is not None:
+                pruned += keep.numel() - int(keep.sum())
+        return pruned / total
+
+    # ------------------------------------------------------------------ optimizer
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero ``optimizer``'s state (momentum, Adam moments) at pruned entries now and at every pruning
+        event, and re-apply the masks right after each ``optimizer.step()``."""
+        self._check_alive()
+        self._optimizer = optimizer
+        self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply_masks()))
+        self._clear_optimizer_state()
+
+    @torch.no_grad()
+    def _clear_optimizer_state(self) -> None:
+        if self._optimizer is None:
+            return
+        for module, param_name, full_name in self._maskable():
+            param = getattr(module, param_name)
+            keep = self._keep(module, param_name, full_name)
+            state = self._optimizer.state.get(param)
+            if keep is None or not state:
+                continue
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    value.mul_(keep)
+
+    # ------------------------------------------------------------------ schedule
+
+    def step(self) -> None:
+        """Call once after every optimizer step: re-applies the masks, advances the schedule, and
+        prunes when a pruning event is due (events missed in between are caught up at once)."""
+        self._check_alive()
+        if self._optimizer is None:
+            self.apply_masks()
+        self.step_count += 1
+        if self._rewind_step == self.step_count and self._rewind_state is None:
+            self._record_rewind_point()
+        due = self._due_event()
+        if due is not None:
+            self._prune_to(self.schedule.sparsity_at(self.step_count, self.sparsity_target), due)
+
+    def _due_event(self) -> int | None:
+        due, step = None, self.schedule.next_event(self._last_event)
+        while step is not None and step <= self.step_count:
+            due, step = step, self.schedule.next_event(step)
+        return due
+
+    def prune(self, sparsity: float | None = None) -> None:
+        """Prune now: to ``sparsity`` (a fraction in [0, 1)) if given, else to what the schedule asks
+        for at the current step (the final sparsity for ``pk.OneShot(at=0)``)."""
+        self._check_alive()
+        if sparsity is None:
+            due = self._due_event()
+            target = self.schedule.sparsity_at(self.step_count, self.sparsity_target)
+            self._prune_to(target, due)
+        else:
+            self._prune_to(_final_sparsity(sparsity, self.granularity), None)
+
+    def _prune_to(self, sparsity: float, event: int | None) -> None:
+        new_masks = self._compute_masks(sparsity)
+        # Everything below mutates the model; all validation is done.
+        with torch.no_grad():
+            caching = bool(self._keep_cache)
+            for (module, param_name, full_name), keep in new_masks.items():
+                mask_store.set_mask(module, param_name, keep)
+                self._keep_cache.pop(full_name, None)
+                if caching:
+                    self._keep_cache[full_name] = keep
+            if self._rewind_state is not None:
+                self.model.load_state_dict(self._rewind_state, strict=False)
+                self.apply_masks()
+                if self._optimizer is not None:
+                    self._optimizer.state.clear()
+        self._clear_optimizer_state()
+        if event is not None:
+            self._last_event = event
+        self.criterion.finish()
+
+    # ------------------------------------------------------------------ mask computation
+
+    def _compute_masks(self, sparsity: float) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
+        for target in self.targets:
+            if not torch.isfinite(target.param.detach()).all():
+                raise ValueError(
+                    f"layer {target.name!r} has NaN or inf weights; fix the model (or exclude the layer) before pruning"
+                )
+        self.criterion.prepare(self.model, self.targets)
+        if isinstance(self.granularity, NM):
+            units_keep = {t: self._nm_keep(t, sparsity) for t in self.targets if self.layer_sparsity.get(t.name) != 0.0}
+        else:
+            units_keep = self._select_units(sparsity)
+
+        result = {}
+        for target, keep in units_keep.items():
+            if keep is None:
+                continue
+            old = mask_store.get_mask(target.module, target.param_name)
+            if isinstance(self.granularity, NM):
+                element_keep = target.from_oik(keep)
+            else:
+                element_keep = target.from_oik(self.granularity.expand(keep, target.oik_shape))
+            if old is not None:
+                element_keep = element_keep & old
+            result[(target.module, target.param_name, target.full_name)] = element_keep.contiguous()
+            bias = target.bias
+            if self.granularity.prunes_bias and bias is not None and bias.numel() == keep.numel():
+                bias_name = f"{target.name}.bias" if target.name else "bias"
+                bias_keep = keep.clone()
+                old_bias = mask_store.get_mask(target.module, "bias")
+                if old_bias is not None:
+                    bias_keep &= old_bias
+                result[(target.module, "bias", bias_name)] = bias_keep
+        return result
+
+    def _unit_scores(self, target: Target) -> torch.Tensor:
+        scores = self.criterion.score(target)
+        if not isinstance(self.criterion, Magnitude) and torch.isnan(scores).any():
+            raise ValueError(f"criterion {self.criterion.name!r} gave NaN scores for {target.full_name}")
+        units = self.granularity.unit_scores(target.to_oik(scores.float()), self.criterion.reduce)
+        alive = self._alive_units(target)
+        if alive is not None:
+            units = units.masked_fill(~alive, -math.inf)
+        return units
+
+    def _alive_units(self, target: Target) -> torch.Tensor | None:
+        old = mask_store.get_mask(target.module, target.param_name)
+        if old is None:
+            return None
+        return self.granularity.unit_scores(target.to_oik(old.float()), "sum") > 0
+
+    def _select_units(self, sparsity: float) -> dict[Target, torch.Tensor | None]:
+        sizes = {t: _num_units(self.granularity, t) for t in self.targets}
+        decided: dict[Target, torch.Tensor | None] = {}
+        pool = []
+        for target in self.targets:
+            own = self.layer_sparsity.get(target.name)
+            if own is not None or self.scope == "local":
+                layer_sparsity = sparsity if own is None else own
+                decided[target] = self._select([target], sizes, layer_sparsity)[target] if layer_sparsity > 0 else None
+            else:
+                pool.append(target)
+        if pool and sparsity > 0:
+            decided.update(self._select(pool, sizes, sparsity))
+        return decided
+
+    def _select(self, layers: list[Target], sizes: dict[Target, int], sparsity: float) -> dict[Target, torch.Tensor]:
+        """Prune round(sparsity × units) of ``layers`` together, every layer keeping ``min_kept`` units."""
+        total = sum(sizes[t] for t in layers)
+        guaranteed = sum(min(self.min_kept, sizes[t]) for t in layers)
+        k = min(round(sparsity * total), total - guaranteed)
+        protected: dict[Target, torch.Tensor] = {}
+        while True:
+            score_fns = [self._score_fn(t, protected.get(t)) for t in layers]
+            keeps = prune_lowest(score_fns, [sizes[t] for t in layers], k)
+            starved = [
+                t
+                for t, keep in zip(layers, keeps)
+                if t not in protected and int(keep.sum()) < min(self.min_kept, sizes[t])
+            ]
+            if not starved:
+                return dict(zip(layers, keeps))
+            for target in starved:
+                protected[target] = self._best_units(target)
+
+    def _score_fn(self, target: Target, protected: torch.Tensor | None):
+        def scores() -> torch.Tensor:
+            units = self._unit_scores(target)
+            if protected is not None:
+                units = units.clone()
+                units[protected] = math.inf
+            return units
+
+        return scores
+
+    def _best_units(self, target: Target) -> torch.Tensor:
+        units = self._unit_scores(target)
+        order = torch.argsort(units, descending=True, stable=True)
+        return order[: self.min_kept]
+
+    def _nm_keep(self, target: Target, sparsity: float) -> torch.Tensor:
+        nm = self.granularity
+        prune_per_group = min(int(math.floor(sparsity * nm.m + 1e-9)), nm.m - nm.n)
+        scores = target.to_oik(self.criterion.score(target).float())
+        old = mask_store.get_mask(target.module, target.param_name)
+        if old is not None:
+            scores = scores.masked_fill(~target.to_oik(old), -math.inf)
+        return nm.group_keep(scores, prune_per_group)
+
+    # ------------------------------------------------------------------ lottery tickets
+
+    def rewind_to(self, step: int = 0) -> None:
+        """Record the model's parameters and buffers when ``step`` optimizer steps are done (now if
+        ``step`` is the current step); after every later pruning event the surviving weights are reset
+        to those values (Frankle & Carbin 2019: step 0; Frankle et al. 2020, "Linear Mode Connectivity
+        and the Lottery Ticket Hypothesis": an early step). The attached optimizer's state is cleared
+        at each rewind. For learning-rate rewinding (Renda et al. 2020) do not call this; instead
+        restart your learning-rate schedule after each pruning event.
+        """
+        self._check_alive()
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a whole number of optimizer steps ≥ 0, got {step!r}")
+        if step < self.step_count:
+            raise ValueError(
+                f"cannot rewind to step {step}: training is already at step {self.step_count}; "
+                "call rewind_to before that step is reached"
+            )
+        self._rewind_step, self._rewind_state = step, None
+        if step == self.step_count:
+            self._record_rewind_point()
+
+    def _record_rewind_point(self) -> None:
+        self._rewind_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: masks (bit-packed), step, schedule position, criterion state
+        (movement scores, random generator) and the rewind point. Save it next to ``model.state_dict()``."""
+        masks = {}
+        for module, param_name, full_name in self._maskable():
+            packed = module._buffers.get(mask_store.mask_buffer_name(param_name))
+            if packed is not None:
+                masks[full_name] = packed.clone()
+        return {
+            "version": _STATE_VERSION,
+            "step": self.step_count,
+            "last_event": self._last_event,
+            "masks": masks,
+            "criterion": self.criterion.state_dict(),
+            "rewind_step": self._rewind_step,
+            "rewind_state": self._rewind_state,
+            "config": {
+                "sparsity": self.sparsity_target,
+                "criterion": self.criterion.name,
+                "granularity": self.granularity.name,
+                "scope": self.scope,
+                "schedule": repr(self.schedule),
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore masks and schedule position saved by :meth:`state_dict`; zeroes the pruned weights.
+
+        Load the model's own weights first (``model.load_state_dict``), then this.
+        """
+        self._check_alive()
+        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
+            raise ValueError("not a prunekit Pruner state_dict (missing or unknown 'version')")
+        known = {full_name: (module, param_name) for module, param_name, full_name in self._maskable()}
+        unpacked = {}
+        for full_name, packed in state["masks"].items():
+            if full_name not in known:
+                raise ValueError(
+                    f"the saved masks name {full_name!r}, which this pruner does not prune; "
+                    "build the pruner with the same model, include/exclude and granularity"
+                )
+            module, param_name = known[full_name]
+            shape = getattr(module, param_name).shape
+            if packed.numel() != (math.prod(shape) + 7) // 8:
+                raise ValueError(f"the saved mask of {full_name!r} does not fit its shape {tuple(shape)}")
+            unpacked[full_name] = (module, param_name, mask_store.unpack_mask(packed.cpu(), shape))
+        with torch.no_grad():
+            for module, param_name, full_name in self._maskable():
+                mask_store.remove_mask(module, param_name)
+            self._keep_cache.clear()
+            for full_name, (module, param_name, keep) in unpacked.items():
+                mask_store.set_mask(module, param_name, keep.to(getattr(module, param_name).device))
+        self.step_count = int(state["step"])
+        self._last_event = int(state["last_event"])
+        self.criterion.load_state_dict(state.get("criterion", {}))
+        self._rewind_step = state.get("rewind_step")
+        rewind = state.get("rewind_state")
+        self._rewind_state = None if rewind is None else {k: v.clone() for k, v in rewind.items()}
+        self._clear_optimizer_state()
+
+    # ------------------------------------------------------------------ ending
+
+    def remove(self) -> nn.Module:
+        """Stop pruning: drop hooks and masks, leaving a plain model whose pruned weights are zeros.
+
+        The attached optimizer's state is zeroed at pruned entries one last time. Returns the model.
+        """
+        self._check_alive()
+        self._clear_optimizer_state()
+        self.apply_masks()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, param_name, _ in self._maskable():
+            mask_store.remove_mask(module, param_name)
+        self._keep_cache.clear()
+        self._removed = True
+        return self.model
+
+    def _check_alive(self) -> None:
+        if self._removed:
+            raise RuntimeError("this pruner was removed (pruner.remove()); create a new pk.Pruner to prune again")
+
+    def summary(self):
+        """:func:`prunekit.summary` of the model, using this pruner's ``example_inputs``."""
+        from .summary import summary
+
+        return summary(self.model, example_inputs=self.example_inputs)
+
+    def __repr__(self) -> str:
+        return (
+            f"Pruner(sparsity={self.sparsity_target}, criterion={self.criterion!r}, granularity={self.granularity!r}, "
+            f"scope={self.scope!r}, schedule={self.schedule!r}, layers={len(self.targets)}, step={self.step_count})"
+        )
+
+    def __deepcopy__(self, memo):
+        raise TypeError("a Pruner is tied to its model; deepcopy the model and build a new pk.Pruner for the copy")
+
+
+def _num_units(granularity: Granularity, target: Target) -> int:
+    out_dim, in_dim, kernel = target.oik_shape
+    name = granularity.name
+    if name == "weight":
+        return out_dim * in_dim * kernel
+    if name == "kernel":
+        return out_dim * in_dim
+    if name == "out_channel":
+        return out_dim
+    if name == "in_channel":
+        return in_dim
+    return granularity.unit_scores(torch.zeros(target.oik_shape), "sum").numel()
+
+
+def _final_sparsity(sparsity: object, granularity: Granularity) -> float:
+    if isinstance(granularity, NM):
+        if sparsity is not None and abs(float(sparsity) - granularity.sparsity) > 1e-9:
+            raise ValueError(
+                f"{granularity.name} fixes the sparsity at {granularity.sparsity:g}; "
+                f"leave sparsity out or set it to {granularity.sparsity:g}, got {sparsity}"
+            )
+        return granularity.sparsity
+    if sparsity is None:
+        raise TypeError("sparsity is required: the fraction of units to prune, e.g. sparsity=0.9")
+    return check_sparsity(sparsity)
+
+
+def prune(model: nn.Module, sparsity: float | None = None, **options: Any) -> Pruner:
+    """Prune ``model`` once, now, and return the :class:`Pruner` holding its masks.
+
+    Takes the same arguments as :class:`Pruner` (except ``schedule``). Keep the returned pruner to
+    fine-tune with the masks enforced (call ``pruner.step()`` after each optimizer step, or attach the
+    optimizer), or call ``pruner.remove()`` for a plain model.
+
+    Example::
+
+        pk.prune(model, sparsity=0.9, criterion="magnitude", granularity="weight", scope="global")
+    """
+    if "schedule" in options:
+        raise TypeError("pk.prune prunes once, now; for a schedule use pk.Pruner(..., schedule=...)")
+    pruner = Pruner(model, sparsity, **options)
+    try:
+        pruner.prune()
+    except BaseException:
+        pruner.remove()
+        raise
+    return pruner
