@@ -438,10 +438,10 @@ class Pruner:
                 raise ValueError(f"the saved mask of {full_name!r} does not fit its shape {tuple(shape)}")
             unpacked[full_name] = (module, param_name, mask_store.unpack_mask(packed.cpu(), shape))
         with torch.no_grad():
-            for module, param_name, full_name in self._maskable():
+            for module, param_name, _ in self._maskable():
                 mask_store.remove_mask(module, param_name)
             self._keep_cache.clear()
-            for full_name, (module, param_name, keep) in unpacked.items():
+            for module, param_name, keep in unpacked.values():
                 mask_store.set_mask(module, param_name, keep.to(getattr(module, param_name).device))
         self.step_count = int(state["step"])
         self._last_event = int(state["last_event"])

@@ -161,9 +161,9 @@ def _narrow(score_fns, k, lo, hi):
     Invariant: v* is in [lo, hi]. Each step costs two counting passes; at most ~32 steps.
     """
     lo_key, hi_key = _float_key(lo), _float_key(hi)
-    while hi_key - lo_key > 1 and _count(score_fns, lambda s: (s > lo) & (s < hi)) > CANDIDATE_LIMIT:
+    while hi_key - lo_key > 1 and _count(score_fns, lambda s, lo=lo, hi=hi: (s > lo) & (s < hi)) > CANDIDATE_LIMIT:
         mid = _key_float((lo_key + hi_key) // 2)
-        if _count(score_fns, lambda s: s <= mid) >= k:
+        if _count(score_fns, lambda s, mid=mid: s <= mid) >= k:
             hi, hi_key = mid, _float_key(mid)
         else:
             lo, lo_key = mid, _float_key(mid)
