@@ -24,22 +24,22 @@ from torch import nn
 
 MASK_PREFIX = "_pk_mask_"
 
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 _BIT_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+# Multiplying 8 flag bytes (read as one little-endian int64) by this constant gathers the flags into
+# the top byte, first flag in the most significant bit; no two partial products overlap, so no carries.
+_GATHER_BITS = 0x8040201008040201 - (1 << 64)
 
 
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:
-    """Pack a boolean tensor into a flat ``uint8`` tensor, 8 entries per byte (most significant bit first).
-
-    The shape is not stored: pass it to :func:`unpack_mask`.
-    """
-    flat = keep.reshape(-1).to(torch.uint8)
+    """Pack a boolean tensor into a flat ``uint8`` tensor, 8 entries per byte (first entry in the
+    most significant bit). The shape is not stored: pass it to :func:`unpack_mask`."""
+    flat = keep.reshape(-1)
+    flat = flat.contiguous() if flat.dtype == torch.bool else flat != 0
     pad = (-flat.numel()) % 8
-    if pad:
+    if pad or flat.storage_offset() % 8:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = _BIT_WEIGHTS.to(flat.device)
-    # Each row of 8 bits times its place values sums to at most 255, so uint8 cannot overflow.
-    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    words = flat.view(torch.uint8).view(torch.int64)
+    return ((words * _GATHER_BITS) >> 56).to(torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
@@ -49,7 +49,7 @@ def unpack_mask(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
         numel *= size
     shifts = _BIT_SHIFTS.to(packed.device)
     bits = (packed.unsqueeze(1) >> shifts) & 1
-    return bits.reshape(-1)[:numel].bool().reshape(shape)
+    return bits.reshape(-1)[:numel].view(torch.bool).reshape(shape)
 
 
 def mask_buffer_name(param_name: str) -> str:
@@ -64,12 +64,16 @@ def get_mask(module: nn.Module, param_name: str) -> torch.Tensor | None:
     return unpack_mask(packed, getattr(module, param_name).shape)
 
 
-def set_mask(module: nn.Module, param_name: str, keep: torch.Tensor) -> None:
-    """Store ``keep`` (bool, the parameter's shape) on the module and zero the pruned weights in place."""
+def set_mask(module: nn.Module, param_name: str, keep: torch.Tensor, packed: torch.Tensor | None = None) -> None:
+    """Store ``keep`` (bool, the parameter's shape) on the module and zero the pruned weights in place.
+
+    Pass ``packed`` (``pack_mask(keep)``) when it is already at hand.
+    """
     param = getattr(module, param_name)
     if keep.shape != param.shape:
         raise ValueError(f"mask shape {tuple(keep.shape)} does not match {param_name} shape {tuple(param.shape)}")
-    module.register_buffer(mask_buffer_name(param_name), pack_mask(keep), persistent=False)
+    packed = pack_mask(keep) if packed is None else packed
+    module.register_buffer(mask_buffer_name(param_name), packed, persistent=False)
     with torch.no_grad():
         param.mul_(keep)
 

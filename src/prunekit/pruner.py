@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from . import masks as mask_store
-from .criteria import Criterion, Magnitude, get_criterion
-from .granularity import NM, Granularity, get_granularity
+from .criteria import Criterion, Custom, L2Magnitude, Magnitude, get_criterion
+from .granularity import NM, Granularity, Weight, get_granularity
 from .schedules import OneShot, Schedule
-from .selection import prune_lowest
+from .selection import find_cut
 from .targets import LayerSelector, Target, check_sparsity, find_targets, resolve_layer_sparsity
 
 SCOPES = ("local", "global")
@@ -44,14 +44,15 @@ class Pruner:
             emptied and no path through the network is cut.
         example_inputs: a tensor or tuple of tensors, used by :meth:`summary` to count MACs.
         data / loss_fn: batches and loss for the gradient criteria (see :mod:`prunekit.criteria`).
-        optimizer: attach it to zero its state at pruned entries and re-apply masks right after each
-            of its steps (see :meth:`attach_optimizer`).
+        optimizer: the training optimizer; attaching it keeps pruned weights at zero at every moment
+            and clears its state at pruned entries (see :meth:`attach_optimizer`).
         seed: seed of the ``"random"`` criterion.
-        mask_gradients: zero the gradients of pruned weights during backward (default True). With
-            zeroed gradients and cleared optimizer state, SGD (momentum, weight decay), Adam and AdamW
-            never move a pruned weight.
 
-    Masks only grow: a pruned unit stays pruned until :meth:`remove`.
+    How masks are enforced: with an attached optimizer, the gradients of pruned weights are zeroed
+    just before each ``optimizer.step()`` and its state (momentum, Adam moments) is zeroed at pruned
+    entries whenever masks change, so a ``torch.optim`` optimizer never moves a pruned weight (other
+    optimizers get the masks re-applied after their step). Without one, :meth:`step` re-applies the
+    masks after your optimizer step. Masks only grow: a pruned unit stays pruned until :meth:`remove`.
     """
 
     def __init__(
@@ -72,7 +73,6 @@ class Pruner:
         loss_fn: Callable | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
-        mask_gradients: bool = True,
     ):
         self.granularity = get_granularity(granularity)
         self.sparsity_target = _final_sparsity(sparsity, self.granularity)
@@ -99,35 +99,46 @@ class Pruner:
         if isinstance(self.granularity, NM) and any(v != 0.0 for v in self.layer_sparsity.values()):
             raise ValueError("with pk.NM a layer_sparsity override can only be 0.0 (leave that layer dense)")
         self.example_inputs = example_inputs
-        self.mask_gradients = mask_gradients
 
         self.step_count = 0
         self._last_event = -1
         self._rewind_step: int | None = None
         self._rewind_state: dict[str, torch.Tensor] | None = None
         self._keep_cache: dict[str, torch.Tensor] = {}
+        self._enforced: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._handles: list[Any] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._removed = False
+        self._maskable_params = self._list_maskable()
 
         self._handles += self.criterion.observe(self.targets)
-        if mask_gradients:
-            for module, param_name, full_name in self._maskable():
-                param = getattr(module, param_name)
-                self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(full_name)))
         if optimizer is not None:
             self.attach_optimizer(optimizer)
 
     # ------------------------------------------------------------------ masks
 
-    def _maskable(self) -> list[tuple[nn.Module, str, str]]:
-        """(module, parameter name, full name) of every parameter this pruner may mask."""
+    def _list_maskable(self) -> list[tuple[nn.Module, str, str]]:
         found = []
         for target in self.targets:
             found.append((target.module, target.param_name, target.full_name))
             if self.granularity.prunes_bias and target.bias is not None:
                 found.append((target.module, "bias", f"{target.name}.bias" if target.name else "bias"))
         return found
+
+    def _maskable(self) -> list[tuple[nn.Module, str, str]]:
+        """(module, parameter name, full name) of every parameter this pruner may mask."""
+        return self._maskable_params
+
+    def _enforced_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, bool keep-mask) for every masked parameter, built once per mask change."""
+        if self._enforced is None:
+            pairs = []
+            for module, param_name, full_name in self._maskable_params:
+                keep = self._keep(module, param_name, full_name)
+                if keep is not None:
+                    pairs.append((getattr(module, param_name), keep))
+            self._enforced = pairs
+        return self._enforced
 
     def _keep(self, module: nn.Module, param_name: str, full_name: str) -> torch.Tensor | None:
         """The bool keep-mask, unpacked once and cached while masks are being enforced."""
@@ -137,16 +148,6 @@ class Pruner:
             if keep is not None:
                 self._keep_cache[full_name] = keep
         return keep
-
-    def _grad_hook(self, full_name: str):
-        module, param_name = next((m, p) for m, p, n in self._maskable() if n == full_name)
-
-        def hook(param: torch.Tensor) -> None:
-            keep = self._keep(module, param_name, full_name)
-            if keep is not None and param.grad is not None:
-                param.grad.mul_(keep)
-
-        return hook
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -162,10 +163,14 @@ class Pruner:
     def apply_masks(self) -> None:
         """Zero every pruned weight in place (:meth:`step` does this; call it after editing weights yourself)."""
         self._check_alive()
-        for module, param_name, full_name in self._maskable():
-            keep = self._keep(module, param_name, full_name)
-            if keep is not None:
-                getattr(module, param_name).mul_(keep)
+        for param, keep in self._enforced_pairs():
+            param.mul_(keep)
+
+    @torch.no_grad()
+    def _mask_gradients(self) -> None:
+        for param, keep in self._enforced_pairs():
+            if param.grad is not None:
+                param.grad.mul_(keep)
 
     @property
     def sparsity(self) -> float:
@@ -181,11 +186,21 @@ class Pruner:
     # ------------------------------------------------------------------ optimizer
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero ``optimizer``'s state (momentum, Adam moments) at pruned entries now and at every pruning
-        event, and re-apply the masks right after each ``optimizer.step()``."""
+        """Keep pruned weights at zero through ``optimizer``'s steps, at every moment.
+
+        Before each ``optimizer.step()`` the gradients of pruned weights are zeroed; the optimizer's
+        state (momentum buffers, Adam moments) is zeroed at pruned entries now and whenever masks
+        change. With zero gradient and zero state, every ``torch.optim`` optimizer (SGD with momentum
+        and weight decay, Adam, AdamW, RMSprop, …) leaves a zero weight at zero, so nothing more is
+        needed; for other optimizers the masks are also re-applied after each step.
+        """
         self._check_alive()
+        if self._optimizer is not None:
+            raise ValueError("an optimizer is already attached to this pruner")
         self._optimizer = optimizer
-        self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply_masks()))
+        self._handles.append(optimizer.register_step_pre_hook(lambda *_: self._mask_gradients()))
+        if not type(optimizer).__module__.startswith("torch.optim"):
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply_masks()))
         self._clear_optimizer_state()
 
     @torch.no_grad()
@@ -239,8 +254,10 @@ class Pruner:
         # Everything below mutates the model; all validation is done.
         with torch.no_grad():
             caching = bool(self._keep_cache)
-            for (module, param_name, full_name), keep in new_masks.items():
-                mask_store.set_mask(module, param_name, keep)
+            self._enforced = None
+            for (module, param_name, full_name), packed in new_masks.items():
+                keep = mask_store.unpack_mask(packed, getattr(module, param_name).shape)
+                mask_store.set_mask(module, param_name, keep, packed)
                 self._keep_cache.pop(full_name, None)
                 if caching:
                     self._keep_cache[full_name] = keep
@@ -257,109 +274,105 @@ class Pruner:
     # ------------------------------------------------------------------ mask computation
 
     def _compute_masks(self, sparsity: float) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
+        """Bit-packed keep-masks for every parameter whose mask changes; the model is not touched."""
+        self._check_finite()
+        self.criterion.prepare(self.model, self.targets)
+        result: dict[tuple[nn.Module, str, str], torch.Tensor] = {}
+        for layers, layer_sparsity in self._selection_groups(sparsity):
+            if isinstance(self.granularity, NM):
+                for target in layers:
+                    self._add_mask(result, target, self._nm_keep(target, layer_sparsity))
+                continue
+            sizes = [_num_units(self.granularity, t) for t in layers]
+            score_fns = [self._score_fn(t) for t in layers]
+            cut = find_cut(score_fns, sizes, round(layer_sparsity * sum(sizes)), self.min_kept)
+            scratch = torch.empty(max(sizes)) if sum(sizes) > 1 << 20 else None
+            for i, target in enumerate(layers):
+                units = cut.keep(i, score_fns[i](scratch))
+                self._add_mask(result, target, self.granularity.expand(units, target.oik_shape))
+        return result
+
+    def _selection_groups(self, sparsity: float) -> list[tuple[list[Target], float]]:
+        """Which layers are ranked together, and at which sparsity: each on its own (local scope,
+        ``layer_sparsity`` overrides) or all the rest together (global scope). Layers at 0 are skipped."""
+        groups, pool = [], []
         for target in self.targets:
-            if not torch.isfinite(target.param.detach()).all():
+            own = self.layer_sparsity.get(target.name)
+            if own is None and self.scope == "global" and not isinstance(self.granularity, NM):
+                pool.append(target)
+            else:
+                groups.append(([target], sparsity if own is None else own))
+        if pool:
+            groups.append((pool, sparsity))
+        return [(layers, value) for layers, value in groups if value > 0]
+
+    def _add_mask(self, result: dict, target: Target, keep_oik: torch.Tensor) -> None:
+        keep = target.from_oik(keep_oik)
+        old = self._keep(target.module, target.param_name, target.full_name)
+        if old is not None:
+            keep = keep & old
+        result[(target.module, target.param_name, target.full_name)] = mask_store.pack_mask(keep)
+        bias = target.bias
+        if self.granularity.prunes_bias and bias is not None and bias.numel() == keep_oik.shape[0]:
+            bias_keep = keep_oik.reshape(keep_oik.shape[0], -1).any(dim=1)
+            bias_name = f"{target.name}.bias" if target.name else "bias"
+            old_bias = self._keep(target.module, "bias", bias_name)
+            if old_bias is not None:
+                bias_keep = bias_keep & old_bias
+            result[(target.module, "bias", bias_name)] = mask_store.pack_mask(bias_keep)
+
+    def _check_finite(self) -> None:
+        for target in self.targets:
+            weight = target.param.detach()
+            # A sum is a cheap test; only when it is not finite is the exact (slower) test needed.
+            if not math.isfinite(float(weight.sum())) and not bool(torch.isfinite(weight).all()):
                 raise ValueError(
                     f"layer {target.name!r} has NaN or inf weights; fix the model (or exclude the layer) before pruning"
                 )
-        self.criterion.prepare(self.model, self.targets)
-        if isinstance(self.granularity, NM):
-            units_keep = {t: self._nm_keep(t, sparsity) for t in self.targets if self.layer_sparsity.get(t.name) != 0.0}
-        else:
-            units_keep = self._select_units(sparsity)
 
-        result = {}
-        for target, keep in units_keep.items():
-            if keep is None:
-                continue
-            old = mask_store.get_mask(target.module, target.param_name)
-            if isinstance(self.granularity, NM):
-                element_keep = target.from_oik(keep)
-            else:
-                element_keep = target.from_oik(self.granularity.expand(keep, target.oik_shape))
-            if old is not None:
-                element_keep = element_keep & old
-            result[(target.module, target.param_name, target.full_name)] = element_keep.contiguous()
-            bias = target.bias
-            if self.granularity.prunes_bias and bias is not None and bias.numel() == keep.numel():
-                bias_name = f"{target.name}.bias" if target.name else "bias"
-                bias_keep = keep.clone()
-                old_bias = mask_store.get_mask(target.module, "bias")
-                if old_bias is not None:
-                    bias_keep &= old_bias
-                result[(target.module, "bias", bias_name)] = bias_keep
-        return result
-
-    def _unit_scores(self, target: Target) -> torch.Tensor:
-        scores = self.criterion.score(target)
-        if not isinstance(self.criterion, Magnitude) and torch.isnan(scores).any():
-            raise ValueError(f"criterion {self.criterion.name!r} gave NaN scores for {target.full_name}")
-        units = self.granularity.unit_scores(target.to_oik(scores.float()), self.criterion.reduce)
+    def _score_fn(self, target: Target):
+        """A function ``fn(out)`` giving the target's flat unit scores (owned by the caller), with
+        already-pruned units at −inf; ``fn`` may write into ``out``, a float32 scratch buffer."""
+        criterion, granularity = self.criterion, self.granularity
+        n_units = _num_units(granularity, target)
+        direct_magnitude = (
+            type(criterion) in (Magnitude, L2Magnitude) and isinstance(granularity, Weight) and not target.transposed
+        )
         alive = self._alive_units(target)
-        if alive is not None:
-            units = units.masked_fill(~alive, -math.inf)
-        return units
 
-    def _alive_units(self, target: Target) -> torch.Tensor | None:
-        old = mask_store.get_mask(target.module, target.param_name)
-        if old is None:
-            return None
-        return self.granularity.unit_scores(target.to_oik(old.float()), "sum") > 0
-
-    def _select_units(self, sparsity: float) -> dict[Target, torch.Tensor | None]:
-        sizes = {t: _num_units(self.granularity, t) for t in self.targets}
-        decided: dict[Target, torch.Tensor | None] = {}
-        pool = []
-        for target in self.targets:
-            own = self.layer_sparsity.get(target.name)
-            if own is not None or self.scope == "local":
-                layer_sparsity = sparsity if own is None else own
-                decided[target] = self._select([target], sizes, layer_sparsity)[target] if layer_sparsity > 0 else None
+        def scores(out: torch.Tensor | None) -> torch.Tensor:
+            weight = target.param.detach()
+            if direct_magnitude:
+                flat = weight.reshape(-1)
+                usable = out is not None and out.device == flat.device and flat.dtype == torch.float32
+                units = torch.abs(flat, out=out[:n_units]) if usable else flat.abs().float()
             else:
-                pool.append(target)
-        if pool and sparsity > 0:
-            decided.update(self._select(pool, sizes, sparsity))
-        return decided
-
-    def _select(self, layers: list[Target], sizes: dict[Target, int], sparsity: float) -> dict[Target, torch.Tensor]:
-        """Prune round(sparsity × units) of ``layers`` together, every layer keeping ``min_kept`` units."""
-        total = sum(sizes[t] for t in layers)
-        guaranteed = sum(min(self.min_kept, sizes[t]) for t in layers)
-        k = min(round(sparsity * total), total - guaranteed)
-        protected: dict[Target, torch.Tensor] = {}
-        while True:
-            score_fns = [self._score_fn(t, protected.get(t)) for t in layers]
-            keeps = prune_lowest(score_fns, [sizes[t] for t in layers], k)
-            starved = [
-                t
-                for t, keep in zip(layers, keeps)
-                if t not in protected and int(keep.sum()) < min(self.min_kept, sizes[t])
-            ]
-            if not starved:
-                return dict(zip(layers, keeps))
-            for target in starved:
-                protected[target] = self._best_units(target)
-
-    def _score_fn(self, target: Target, protected: torch.Tensor | None):
-        def scores() -> torch.Tensor:
-            units = self._unit_scores(target)
-            if protected is not None:
-                units = units.clone()
-                units[protected] = math.inf
+                element = criterion.score(target)
+                if isinstance(criterion, Custom):
+                    element = element.clone()
+                if not isinstance(criterion, Magnitude) and torch.isnan(element).any():
+                    raise ValueError(f"criterion {criterion.name!r} gave NaN scores for {target.full_name}")
+                units = granularity.unit_scores(target.to_oik(element.float()), criterion.reduce).reshape(-1)
+            if alive is not None:
+                units.masked_fill_(~alive, -math.inf)
             return units
 
         return scores
 
-    def _best_units(self, target: Target) -> torch.Tensor:
-        units = self._unit_scores(target)
-        order = torch.argsort(units, descending=True, stable=True)
-        return order[: self.min_kept]
+    def _alive_units(self, target: Target) -> torch.Tensor | None:
+        """Flat bool per unit: True where any weight of the unit is still kept; None if never pruned."""
+        keep = self._keep(target.module, target.param_name, target.full_name)
+        if keep is None:
+            return None
+        if isinstance(self.granularity, Weight):
+            return target.to_oik(keep).reshape(-1)
+        return self.granularity.unit_scores(target.to_oik(keep.float()), "sum").reshape(-1) > 0
 
     def _nm_keep(self, target: Target, sparsity: float) -> torch.Tensor:
         nm = self.granularity
         prune_per_group = min(int(math.floor(sparsity * nm.m + 1e-9)), nm.m - nm.n)
         scores = target.to_oik(self.criterion.score(target).float())
-        old = mask_store.get_mask(target.module, target.param_name)
+        old = self._keep(target.module, target.param_name, target.full_name)
         if old is not None:
             scores = scores.masked_fill(~target.to_oik(old), -math.inf)
         return nm.group_keep(scores, prune_per_group)
@@ -441,6 +454,7 @@ class Pruner:
             for module, param_name, _ in self._maskable():
                 mask_store.remove_mask(module, param_name)
             self._keep_cache.clear()
+            self._enforced = None
             for module, param_name, keep in unpacked.values():
                 mask_store.set_mask(module, param_name, keep.to(getattr(module, param_name).device))
         self.step_count = int(state["step"])
@@ -467,6 +481,7 @@ class Pruner:
         for module, param_name, _ in self._maskable():
             mask_store.remove_mask(module, param_name)
         self._keep_cache.clear()
+        self._enforced = None
         self._removed = True
         return self.model
 

@@ -1,25 +1,24 @@
 """Selection: given unit scores, decide exactly which units to prune.
 
-:func:`prune_lowest` prunes the ``k`` lowest-scoring units across a list of layers (one layer for
-local scope, all of them for global scope). The answer is exact and deterministic: exactly ``k``
-units are pruned, and among equal scores the unit that comes first (layer order, then position in
-the layer) is pruned first.
+:func:`find_cut` finds where to cut so that exactly ``k`` units are pruned across a list of layers
+(one layer for local scope, many for global scope): the ``k`` lowest scores go, and among equal
+scores the unit that comes first (layer order, then position in the layer) goes first. Every layer
+keeps at least ``min_kept`` units (its best ones), so global pruning never empties a layer.
 
-Scores are never concatenated into one big vector when there are many of them. ``torch.kthvalue``
-or ``torch.quantile`` on a concatenation needs several copies of every score at once (and
-``torch.nn.utils.prune.global_unstructured`` does exactly that); here the threshold is found in
-passes over one layer at a time:
+Scores are never concatenated into one big vector when there are many of them: ``torch.kthvalue``
+or ``torch.quantile`` on a concatenation needs copies of every score at once (and
+``torch.nn.utils.prune.global_unstructured`` does that). Here the cut is found in passes over one
+layer at a time, so the extra memory is one layer's scores plus a small sample:
 
-1. a random sample of 2^20 scores brackets the k-th smallest value between two sample order
-   statistics ``lo`` ≤ v* ≤ ``hi`` (a ±6σ band of the sample rank, σ = √(n·q·(1−q)));
-2. one pass counts the scores below ``lo``, equal to ``lo`` and up to ``hi``, and keeps only the
-   few scores strictly between them, from which v* is read exactly;
-3. one pass builds the masks: scores above v* are kept, scores below are pruned, and the ties at v*
-   are pruned in order until the count is exact.
+1. a random sample of the scores brackets the k-th smallest value v* between two sample order
+   statistics ``lo ≤ v* ≤ hi`` (a band of ±6σ around the sample rank, σ = √(n·q·(1−q)));
+2. one pass counts the scores below ``lo`` and keeps the few in ``[lo, hi]``, from which v* and
+   the number of ties to prune in each layer are read exactly;
+3. the caller builds each layer's mask from :meth:`Cut.keep`, one layer at a time.
 
-If the sample misleads (very unlikely), the bracket is narrowed by bisection over the float32
-bit patterns with counting passes, so memory stays bounded either way. Scores are float32;
-already pruned units score −inf and units that must be kept score +inf.
+If the sample misleads (very unlikely) the bracket is narrowed by bisection over the float32 bit
+patterns with counting passes, so memory stays bounded either way. Scores are float32; a unit that
+is already pruned should score −inf.
 """
 
 from __future__ import annotations
@@ -27,121 +26,197 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-ScoreFn = Callable[[], torch.Tensor]
+#: ``fn(out)`` returns one layer's flat float32 scores; it may write them into ``out`` (a scratch
+#: buffer at least that long, or None) and the result is only read until the next call.
+ScoreFn = Callable[[torch.Tensor | None], torch.Tensor]
 
-#: Below this many units in all, scores are concatenated and sorted (fast, exact, same result).
+#: Up to this many units in all, scores are concatenated (fast; the result is the same).
 SORT_LIMIT = 1 << 22
-SAMPLE_SIZE = 1 << 20
-#: Most candidate scores held at once when the sample bracket is used (4 bytes each).
+#: Scores sampled to bracket the threshold; None grows it with the number of units (see _sample_size).
+SAMPLE_SIZE: int | None = None
+#: Candidate scores held at once in pass 2 (4 bytes each).
 CANDIDATE_LIMIT = 1 << 24
 
 
-def prune_lowest(score_fns: Sequence[ScoreFn], sizes: Sequence[int], k: int) -> list[torch.Tensor]:
-    """Return one flat ``bool`` keep-mask per layer, pruning the ``k`` lowest scores overall.
+@dataclass
+class Cut:
+    """Where to cut: prune scores below ``threshold`` and, in layer i, the first ``ties[i]`` units
+    scoring exactly ``threshold``; never prune the units in ``protected[i]``."""
 
-    ``score_fns[i]()`` returns layer i's flat float scores (``sizes[i]`` of them); it may be called
-    more than once, so it should be cheap to recompute rather than cached.
+    threshold: float
+    ties: list[int]
+    protected: list[torch.Tensor | None] = field(default_factory=list)
+
+    def keep(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
+        """Flat bool keep-mask of ``layer`` given its scores (as its score function returns them)."""
+        scores = _protect(scores, self.protected[layer] if self.protected else None)
+        ties = self.ties[layer]
+        if ties == 0:
+            return scores >= self.threshold
+        keep = scores > self.threshold
+        at_threshold = scores == self.threshold
+        if ties < int(at_threshold.sum()):
+            keep[at_threshold.nonzero().squeeze(1)[ties:]] = True
+        return keep
+
+
+def _protect(scores: torch.Tensor, protected: torch.Tensor | None) -> torch.Tensor:
+    if protected is not None and protected.numel():
+        scores[protected] = math.inf
+    return scores
+
+
+def _best(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the ``count`` best scores; among equal scores the earlier position wins."""
+    if count >= scores.numel():
+        return torch.arange(scores.numel(), device=scores.device)
+    if count == 1:
+        return scores.argmax().reshape(1)  # argmax returns the first maximum
+    values = torch.topk(scores, count).values
+    last = values[-1]
+    above = (scores > last).nonzero().squeeze(1)
+    ties = (scores == last).nonzero().squeeze(1)[: count - above.numel()]
+    return torch.cat([above, ties])
+
+
+def find_cut(score_fns: Sequence[ScoreFn], sizes: Sequence[int], k: int, min_kept: int = 0) -> Cut:
+    """Find the :class:`Cut` pruning ``k`` units (fewer if ``min_kept`` forbids) of these layers.
+
+    ``score_fns`` must return tensors the caller owns (not views of weights): protection writes +inf
+    into them.
     """
     total = sum(sizes)
     if not 0 <= k <= total:
         raise ValueError(f"cannot prune {k} of {total} units")
-    if k == 0:
-        return [torch.ones(n, dtype=torch.bool) for n in sizes]
-    if total <= SORT_LIMIT:
-        return _prune_by_sort(score_fns, sizes, k)
-    threshold, below = _kth_smallest(score_fns, sizes, k)
-    return _masks_at_threshold(score_fns, threshold, k - below)
+    k = min(k, total - sum(min(min_kept, n) for n in sizes))
+    scratch = torch.empty(max(sizes), dtype=torch.float32) if total > SORT_LIMIT else None
 
-
-def _prune_by_sort(score_fns, sizes, k):
-    scores = torch.cat([fn().reshape(-1).float().cpu() for fn in score_fns])
-    order = torch.argsort(scores, stable=True)
-    keep = torch.ones(scores.numel(), dtype=torch.bool)
-    keep[order[:k]] = False
-    return list(keep.split(list(sizes)))
-
-
-def _masks_at_threshold(score_fns, threshold: float, ties_to_prune: int) -> list[torch.Tensor]:
-    masks = []
-    for fn in score_fns:
-        scores = fn().reshape(-1)
-        if ties_to_prune == 0:
-            masks.append(scores >= threshold)
-            continue
-        keep = scores > threshold
-        ties = scores == threshold
-        n_ties = int(ties.sum())
-        if n_ties > ties_to_prune:
-            spared = ties.nonzero().squeeze(1)[ties_to_prune:]
-            keep[spared] = True
-            n_ties = ties_to_prune
-        ties_to_prune -= n_ties
-        masks.append(keep)
-    return masks
-
-
-def _kth_smallest(score_fns, sizes, k: int) -> tuple[float, int]:
-    """The k-th smallest score v* (1-based) and how many scores are strictly below it."""
-    lo, hi = _sample_bracket(score_fns, sizes, k)
-    while True:
-        below_lo, at_lo, below_hi, at_hi, inside = _bracket_pass(score_fns, lo, hi)
-        if k <= below_lo:
-            lo, hi = -math.inf, lo
-        elif k <= below_lo + at_lo:
-            return lo, below_lo
-        elif k > below_hi + at_hi:
-            lo, hi = hi, math.inf
-        elif k > below_hi:
-            return hi, below_hi
-        elif inside is not None:
-            value = float(torch.kthvalue(inside, k - below_lo - at_lo).values)
-            return value, below_lo + at_lo + int((inside < value).sum())
-        lo, hi = _narrow(score_fns, k, lo, hi)
-
-
-def _sample_bracket(score_fns, sizes, k):
-    total = sum(sizes)
+    # Pass 1: protect every layer's best units, and sample (or, when small, collect) the scores.
+    protected: list[torch.Tensor | None] = []
+    collected: list[torch.Tensor] = []
     generator = torch.Generator().manual_seed(0)
-    samples = []
+    sample_size = _sample_size(total)
     for fn, n in zip(score_fns, sizes):
-        m = max(1, round(SAMPLE_SIZE * n / total))
-        positions = torch.randint(n, (m,), generator=generator)
-        scores = fn().reshape(-1)
-        samples.append(scores[positions.to(scores.device)].float().cpu())
-    sample = torch.sort(torch.cat(samples)).values
-    n_sample = sample.numel()
-    q = k / total
-    rank = q * n_sample
-    margin = 6.0 * math.sqrt(n_sample * q * (1.0 - q)) + 8.0
-    lo_rank, hi_rank = math.floor(rank - margin), math.ceil(rank + margin)
-    lo = float(sample[lo_rank]) if lo_rank >= 0 else -math.inf
-    hi = float(sample[hi_rank]) if hi_rank < n_sample else math.inf
-    return lo, hi
+        scores = fn(scratch).reshape(-1)
+        if scratch is None:
+            scores = scores.float().cpu().clone()
+        protected.append(_best(scores, min_kept) if min_kept > 0 else None)
+        scores = _protect(scores, protected[-1])
+        if scratch is None:
+            collected.append(scores)
+        else:
+            positions = torch.randint(n, (max(1, round(sample_size * n / total)),), generator=generator)
+            collected.append(scores[positions.to(scores.device)].float().cpu())
+    if k == 0:
+        return Cut(-math.inf, [0] * len(sizes), protected)
+    if scratch is None:
+        everything = torch.cat(collected)
+        threshold = float(torch.kthvalue(everything, k).values)
+        below = int((everything < threshold).sum())
+        return Cut(threshold, _spread_ties(collected, threshold, k - below), protected)
 
-
-def _bracket_pass(score_fns, lo: float, hi: float):
-    """Counts below/at ``lo`` and ``hi``, and the scores strictly between them (None if too many)."""
-    below_lo = at_lo = below_hi = at_hi = 0
-    inside: list[torch.Tensor] | None = []
-    n_inside = 0
-    for fn in score_fns:
-        scores = fn().reshape(-1)
-        below_lo += int((scores < lo).sum())
-        at_lo += int((scores == lo).sum())
-        below_hi += int((scores < hi).sum())
-        at_hi += int((scores == hi).sum())
+    fns = [lambda out, fn=fn, p=p: _protect(fn(out).reshape(-1), p) for fn, p in zip(score_fns, protected)]
+    lo, hi = _sample_bracket(torch.cat(collected), k / total)
+    # Pass 2, repeated only if the sample misled: count below the bracket, collect inside it.
+    while True:
+        below_lo, inside = _bracket_pass(fns, scratch, lo, hi)
         if inside is not None:
-            between = scores[(scores > lo) & (scores < hi)]
-            n_inside += between.numel()
-            inside = None if n_inside > CANDIDATE_LIMIT else inside + [between.float().cpu()]
-    return below_lo, at_lo, below_hi, at_hi, (torch.cat(inside) if inside is not None else None)
+            values = torch.cat(inside)
+            if below_lo < k <= below_lo + values.numel():
+                threshold = float(torch.kthvalue(values, k - below_lo).values)
+                below = below_lo + int((values < threshold).sum())
+                return Cut(threshold, _spread_ties(inside, threshold, k - below), protected)
+            lo, hi = (-math.inf, lo) if k <= below_lo else (hi, math.inf)
+        elif _float_key(hi) - _float_key(lo) <= 1:
+            return _cut_between_neighbours(fns, scratch, k, lo, hi, protected)
+        lo, hi = _narrow(fns, scratch, k, lo, hi)
 
 
-def _count(score_fns, predicate) -> int:
-    return sum(int(predicate(fn().reshape(-1)).sum()) for fn in score_fns)
+def _cut_between_neighbours(fns, scratch, k, lo, hi, protected) -> Cut:
+    """v* is ``lo`` or ``hi``, adjacent float32 values shared by too many units to collect."""
+    below = _count(fns, scratch, lambda s: s < lo)
+    at_lo = [int(torch.count_nonzero(fn(scratch) == lo)) for fn in fns]
+    if k <= below + sum(at_lo):
+        threshold, ties_per_layer = lo, at_lo
+    else:
+        below += sum(at_lo)
+        threshold, ties_per_layer = hi, [int(torch.count_nonzero(fn(scratch) == hi)) for fn in fns]
+    to_prune, ties = k - below, []
+    for available in ties_per_layer:
+        ties.append(min(available, to_prune))
+        to_prune -= ties[-1]
+    return Cut(threshold, ties, protected)
+
+
+def prune_lowest(score_fns: Sequence[Callable[[], torch.Tensor]], sizes: Sequence[int], k: int, min_kept: int = 0):
+    """Flat bool keep-masks, one per layer, pruning the ``k`` lowest scores overall (see :func:`find_cut`).
+
+    ``score_fns[i]()`` returns layer i's scores; convenient when the scores are at hand.
+    """
+    fns = [lambda out, fn=fn: fn().reshape(-1).float().clone() for fn in score_fns]
+    cut = find_cut(fns, sizes, k, min_kept)
+    return [cut.keep(i, fn(None)) for i, fn in enumerate(fns)]
+
+
+def _spread_ties(per_layer: list[torch.Tensor], threshold: float, to_prune: int) -> list[int]:
+    """How many units at exactly ``threshold`` each layer prunes, filling layers in order."""
+    ties = []
+    for values in per_layer:
+        here = min(int((values == threshold).sum()), to_prune)
+        ties.append(here)
+        to_prune -= here
+    return ties
+
+
+def _sample_size(total: int) -> int:
+    if SAMPLE_SIZE is not None:
+        return min(SAMPLE_SIZE, total)
+    # The bracket holds about total·12σ/n scores; growing n with total keeps that near 2^22.
+    wanted = (total * 6 / (1 << 22)) ** 2
+    return int(min(max(wanted, 1 << 14), 1 << 22, total))
+
+
+_LARGEST = struct.unpack("<f", struct.pack("<i", 0x7F7FFFFF))[0]
+
+
+def _sample_bracket(sample: torch.Tensor, q: float) -> tuple[float, float]:
+    n = sample.numel()
+    rank = q * n
+    margin = 6.0 * math.sqrt(n * q * (1.0 - q)) + 8.0
+    lo_rank, hi_rank = math.floor(rank - margin), math.ceil(rank + margin)
+    lo = float(torch.kthvalue(sample, lo_rank + 1).values) if lo_rank >= 0 else -math.inf
+    hi = float(torch.kthvalue(sample, hi_rank + 1).values) if hi_rank < n else math.inf
+    # Pruned units (−inf) and protected ones (+inf) can be many: keep them out of the bracket's inside.
+    return max(lo, -_LARGEST), min(hi, _LARGEST)
+
+
+def _bracket_pass(fns, scratch, lo: float, hi: float):
+    """Scores below ``lo`` (a count) and those in ``[lo, hi]`` (per layer; None if too many)."""
+    below_lo, inside, n_inside = 0, [], 0
+    flags = torch.empty(scratch.numel(), dtype=torch.bool)
+    more = torch.empty(scratch.numel(), dtype=torch.bool)
+    for fn in fns:
+        scores = fn(scratch)
+        n = scores.numel()
+        # Writing comparisons into reused buffers avoids page-faulting fresh memory every layer.
+        on_cpu = scores.device.type == "cpu"
+        at_least_lo = torch.ge(scores, lo, out=flags[:n]) if on_cpu else scores >= lo
+        below_lo += n - int(torch.count_nonzero(at_least_lo))
+        if inside is None:
+            continue
+        in_bracket = (torch.le(scores, hi, out=more[:n]) if on_cpu else scores <= hi).logical_and_(at_least_lo)
+        values = scores[in_bracket]
+        n_inside += values.numel()
+        inside = None if n_inside > CANDIDATE_LIMIT else inside + [values.cpu()]
+    return below_lo, inside
+
+
+def _count(fns, scratch, predicate) -> int:
+    return sum(int(torch.count_nonzero(predicate(fn(scratch)))) for fn in fns)
 
 
 def _float_key(x: float) -> int:
@@ -155,15 +230,12 @@ def _key_float(key: int) -> float:
     return struct.unpack("<f", struct.pack("<i", bits))[0]
 
 
-def _narrow(score_fns, k, lo, hi):
-    """Bisect [lo, hi] on float32 bit patterns until few scores lie strictly inside it.
-
-    Invariant: v* is in [lo, hi]. Each step costs two counting passes; at most ~32 steps.
-    """
+def _narrow(fns, scratch, k, lo, hi):
+    """Bisect [lo, hi] (which holds v*) on float32 bit patterns until few scores lie inside it."""
     lo_key, hi_key = _float_key(lo), _float_key(hi)
-    while hi_key - lo_key > 1 and _count(score_fns, lambda s, lo=lo, hi=hi: (s > lo) & (s < hi)) > CANDIDATE_LIMIT:
+    while hi_key - lo_key > 1 and _count(fns, scratch, lambda s, lo=lo, hi=hi: (s >= lo) & (s <= hi)) > CANDIDATE_LIMIT:
         mid = _key_float((lo_key + hi_key) // 2)
-        if _count(score_fns, lambda s, mid=mid: s <= mid) >= k:
+        if _count(fns, scratch, lambda s, mid=mid: s <= mid) >= k:
             hi, hi_key = mid, _float_key(mid)
         else:
             lo, lo_key = mid, _float_key(mid)
