@@ -61,7 +61,9 @@ def _build_parser() -> _Parser:
     )
     demo.add_argument("--steps", type=int, default=1500, help="total optimizer steps, at least 100 (default: 1500)")
     demo.add_argument(
-        "--out", default="prunekit-demo.png", help="PNG file to write the plot to (default: prunekit-demo.png)"
+        "--out",
+        default="prunekit-demo.png",
+        help="file to write the plot to; PNG unless the extension says .svg, .pdf, ... (default: prunekit-demo.png)",
     )
     demo.add_argument(
         "--seed", type=int, default=0, help="seed of the data split, initialisation and batch order (default: 0)"

@@ -26,6 +26,7 @@ your own backward passes. With neither, they raise a ``ValueError`` instead of p
 from __future__ import annotations
 
 import inspect
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -83,17 +84,26 @@ class L2Magnitude(Magnitude):
 
 
 class Random(Criterion):
-    """Uniform random scores from a generator seeded with ``seed``: a baseline, reproducible run to run."""
+    """Uniform random scores from a generator seeded with ``seed``: a baseline, reproducible run to run.
+
+    Within one pruning event a weight keeps the same score however often it is asked for; every
+    event draws new scores.
+    """
 
     name = "random"
 
     def __init__(self, seed: int = 0):
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self._event_seed = 0
+
+    def prepare(self, model, targets):
+        self._event_seed = int(torch.randint(1 << 62, (1,), generator=self.generator))
 
     def score(self, target):
         param = target.param
-        return torch.rand(param.shape, generator=self.generator).to(param.device)
+        layer_seed = (self._event_seed + zlib.crc32(target.full_name.encode())) % (1 << 63)
+        return torch.rand(param.shape, generator=torch.Generator().manual_seed(layer_seed)).to(param.device)
 
     def state_dict(self):
         return {"generator": self.generator.get_state()}
@@ -142,7 +152,7 @@ class _GradientProduct(Criterion):
 
             return hook
 
-        return [t.param.register_hook(make_hook(t)) for t in targets]
+        return [t.param.register_hook(make_hook(t)) for t in targets if t.param.requires_grad]
 
     def prepare(self, model, targets):
         if self.data is not None:
@@ -230,7 +240,8 @@ class Custom(Criterion):
             raise ValueError(f"reduce must be 'sum' or 'l2', got {reduce!r}")
         self.fn, self.reduce = fn, reduce
         self.name = getattr(fn, "__name__", "custom")
-        self._takes_module = _positional_arity(fn) != 1
+        # Builtins such as torch.abs have no readable signature; they take the weight alone.
+        self._takes_module = _positional_arity(fn) not in (1, None)
 
     def score(self, target):
         weight = target.param.detach()
@@ -253,7 +264,7 @@ def _positional_arity(fn: Callable) -> int | None:
     except (TypeError, ValueError):
         return None
     if any(p.kind == p.VAR_POSITIONAL for p in params):
-        return None
+        return 2
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
 
 

@@ -155,7 +155,6 @@ def _save_plot(matplotlib, path: Path, result: dict[str, Any]) -> None:
     zoom.set_title("zoom on high sparsity", fontsize=8)
     ax.indicate_inset_zoom(zoom, edgecolor="0.4")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
 
 
@@ -178,7 +177,8 @@ def run_demo(
     Args:
         sparsity: final fraction of the weights to prune, in (0, 1) (0.9 = 90%).
         steps: total number of optimizer steps (≥ 100); 1500 is about 70 epochs of the 1,347 training images.
-        out: path of the PNG plot to write (test accuracy against sparsity).
+        out: path of the plot to write (test accuracy against sparsity); PNG unless the extension
+            names another format matplotlib writes (.svg, .pdf, ...). Missing folders are created.
         seed: seed of the train/test split, the weight initialisation and the batch order.
         quiet: print nothing and show no progress bar.
 
@@ -189,9 +189,8 @@ def run_demo(
         "recovered_accuracy"}`` per pruning event: ``accuracy`` right after the event,
         ``recovered_accuracy`` after the training steps that follow it, i.e. just before the next
         event or, for the last, at the end), ``oneshot_curve`` (``{"sparsity", "accuracy"}`` points,
-        the first one dense),
-        ``dense_summary`` / ``pruned_summary`` (:class:`prunekit.Summary`), ``plot`` (the PNG's
-        path) and ``seconds`` (wall time).
+        the first one dense), ``dense_summary`` / ``pruned_summary`` (:class:`prunekit.Summary`),
+        ``plot`` (the plot's path) and ``seconds`` (wall time in seconds).
 
     Raises:
         ImportError: scikit-learn, matplotlib or tqdm is missing (``pip install "prunekit[demo]"``).
@@ -202,9 +201,25 @@ def run_demo(
         raise ValueError(f"sparsity must be a fraction in (0, 1), e.g. 0.9 for 90%, got {sparsity!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 100:
         raise ValueError(f"steps must be a whole number of optimizer steps ≥ 100, got {steps!r}")
-    sparsity = float(sparsity)
-    out = Path(out)
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if Path(out).suffix and Path(out).suffix[1:].lower() not in formats:
+        raise ValueError(f"cannot save a plot as {Path(out).suffix!r}; use one of .{', .'.join(sorted(formats))}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the model is tiny: one thread is fastest, and many times faster on a busy CPU
+    try:
+        return _run(float(sparsity), steps, Path(out), seed, quiet, matplotlib, load_digits, train_test_split, tqdm)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(
+    sparsity: float, steps: int, out: Path, seed: int, quiet: bool, matplotlib, load_digits, train_test_split, tqdm
+) -> dict[str, Any]:
+    """The body of :func:`run_demo`, arguments checked."""
     started = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)  # fail now rather than after training
 
     def say(*lines: str) -> None:
         if not quiet:

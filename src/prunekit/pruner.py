@@ -111,6 +111,9 @@ class Pruner:
         self._removed = False
         self._maskable_params = self._list_maskable()
 
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        # Validation is over: from here on the pruner hooks into the model.
         self._handles += self.criterion.observe(self.targets)
         if optimizer is not None:
             self.attach_optimizer(optimizer)
@@ -195,13 +198,32 @@ class Pruner:
         needed; for other optimizers the masks are also re-applied after each step.
         """
         self._check_alive()
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if self._optimizer is not None:
             raise ValueError("an optimizer is already attached to this pruner")
         self._optimizer = optimizer
-        self._handles.append(optimizer.register_step_pre_hook(lambda *_: self._mask_gradients()))
+        self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
         if not type(optimizer).__module__.startswith("torch.optim"):
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply_masks()))
         self._clear_optimizer_state()
+
+    def _before_optimizer_step(self, optimizer, args, kwargs):
+        # torch passes step's own arguments, the optimizer first: (optimizer, closure?).
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._mask_gradients()
+            return None
+
+        # Optimizers such as LBFGS compute gradients inside step(), through the closure.
+        def masked_closure():
+            loss = closure()
+            self._mask_gradients()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": masked_closure}
+        return (args[0], masked_closure, *args[2:]), kwargs
 
     @torch.no_grad()
     def _clear_optimizer_state(self) -> None:
@@ -230,7 +252,7 @@ class Pruner:
             self._record_rewind_point()
         due = self._due_event()
         if due is not None:
-            self._prune_to(self.schedule.sparsity_at(self.step_count, self.sparsity_target), due)
+            self._prune_to(self.schedule.sparsity_at(due, self.sparsity_target), due)
 
     def _due_event(self) -> int | None:
         due, step = None, self.schedule.next_event(self._last_event)
@@ -244,8 +266,7 @@ class Pruner:
         self._check_alive()
         if sparsity is None:
             due = self._due_event()
-            target = self.schedule.sparsity_at(self.step_count, self.sparsity_target)
-            self._prune_to(target, due)
+            self._prune_to(self.schedule.sparsity_at(self.step_count if due is None else due, self.sparsity_target), due)
         else:
             self._prune_to(_final_sparsity(sparsity, self.granularity), None)
 
@@ -417,6 +438,7 @@ class Pruner:
             "step": self.step_count,
             "last_event": self._last_event,
             "masks": masks,
+            "shapes": {name: tuple(getattr(m, p).shape) for m, p, name in self._maskable() if name in masks},
             "criterion": self.criterion.state_dict(),
             "rewind_step": self._rewind_step,
             "rewind_state": self._rewind_state,
@@ -447,8 +469,12 @@ class Pruner:
                 )
             module, param_name = known[full_name]
             shape = getattr(module, param_name).shape
-            if packed.numel() != (math.prod(shape) + 7) // 8:
-                raise ValueError(f"the saved mask of {full_name!r} does not fit its shape {tuple(shape)}")
+            saved_shape = tuple(state.get("shapes", {}).get(full_name, shape))
+            if saved_shape != tuple(shape) or packed.numel() != (math.prod(shape) + 7) // 8:
+                raise ValueError(
+                    f"the saved mask of {full_name!r} has shape {saved_shape}, but that parameter has shape "
+                    f"{tuple(shape)}; load it into a pruner built on the same architecture"
+                )
             unpacked[full_name] = (module, param_name, mask_store.unpack_mask(packed.cpu(), shape))
         with torch.no_grad():
             for module, param_name, _ in self._maskable():
@@ -475,15 +501,18 @@ class Pruner:
         self._check_alive()
         self._clear_optimizer_state()
         self.apply_masks()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._unhook()
         for module, param_name, _ in self._maskable():
             mask_store.remove_mask(module, param_name)
         self._keep_cache.clear()
         self._enforced = None
         self._removed = True
         return self.model
+
+    def _unhook(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     def _check_alive(self) -> None:
         if self._removed:
@@ -549,6 +578,6 @@ def prune(model: nn.Module, sparsity: float | None = None, **options: Any) -> Pr
     try:
         pruner.prune()
     except BaseException:
-        pruner.remove()
+        pruner._unhook()  # the failed prune changed no mask; only the new hooks must go
         raise
     return pruner

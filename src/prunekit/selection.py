@@ -40,6 +40,7 @@ SORT_LIMIT = 1 << 22
 SAMPLE_SIZE: int | None = None
 #: Candidate scores held at once in pass 2 (4 bytes each).
 CANDIDATE_LIMIT = 1 << 24
+_LARGEST = struct.unpack("<f", struct.pack("<i", 0x7F7FFFFF))[0]  # the largest finite float32
 
 
 @dataclass
@@ -49,11 +50,11 @@ class Cut:
 
     threshold: float
     ties: list[int]
-    protected: list[torch.Tensor | None] = field(default_factory=list)
+    protected: list[_Protection | None] = field(default_factory=list)
 
     def keep(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
         """Flat bool keep-mask of ``layer`` given its scores (as its score function returns them)."""
-        scores = _protect(scores, self.protected[layer] if self.protected else None)
+        scores = _protect(scores.reshape(-1), self.protected[layer] if self.protected else None)
         ties = self.ties[layer]
         if ties == 0:
             return scores >= self.threshold
@@ -64,23 +65,38 @@ class Cut:
         return keep
 
 
-def _protect(scores: torch.Tensor, protected: torch.Tensor | None) -> torch.Tensor:
-    if protected is not None and protected.numel():
-        scores[protected] = math.inf
+@dataclass
+class _Protection:
+    """A layer's units that must be kept. They are given +inf, so a layer whose own scores reach
+    +inf has them lowered to the largest finite float first (``clamp``)."""
+
+    positions: torch.Tensor
+    clamp: bool
+
+
+def _protect(scores: torch.Tensor, protection: _Protection | None) -> torch.Tensor:
+    if protection is not None:
+        if protection.clamp:
+            scores.clamp_(max=_LARGEST)
+        scores[protection.positions] = math.inf
     return scores
 
 
-def _best(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Positions of the ``count`` best scores; among equal scores the earlier position wins."""
+def _protection(scores: torch.Tensor, count: int) -> _Protection | None:
+    """Protect the ``count`` units that would be pruned last: the best scores and, among equal
+    scores, the later positions (ties are pruned earlier-first), so protecting a layer that would
+    keep them anyway changes nothing."""
+    if count == 0 or scores.numel() == 0:
+        return None
+    clamp = bool(scores.max() == math.inf)
+    if clamp:
+        scores.clamp_(max=_LARGEST)
     if count >= scores.numel():
-        return torch.arange(scores.numel(), device=scores.device)
-    if count == 1:
-        return scores.argmax().reshape(1)  # argmax returns the first maximum
-    values = torch.topk(scores, count).values
-    last = values[-1]
+        return _Protection(torch.arange(scores.numel(), device=scores.device), clamp)
+    last = scores.max() if count == 1 else torch.topk(scores, count).values[-1]
     above = (scores > last).nonzero().squeeze(1)
-    ties = (scores == last).nonzero().squeeze(1)[: count - above.numel()]
-    return torch.cat([above, ties])
+    ties = (scores == last).nonzero().squeeze(1)
+    return _Protection(torch.cat([above, ties[ties.numel() - (count - above.numel()) :]]), clamp)
 
 
 def find_cut(score_fns: Sequence[ScoreFn], sizes: Sequence[int], k: int, min_kept: int = 0) -> Cut:
@@ -93,10 +109,10 @@ def find_cut(score_fns: Sequence[ScoreFn], sizes: Sequence[int], k: int, min_kep
     if not 0 <= k <= total:
         raise ValueError(f"cannot prune {k} of {total} units")
     k = min(k, total - sum(min(min_kept, n) for n in sizes))
-    scratch = torch.empty(max(sizes), dtype=torch.float32) if total > SORT_LIMIT else None
+    scratch = torch.empty(max(sizes, default=0), dtype=torch.float32) if total > SORT_LIMIT else None
 
     # Pass 1: protect every layer's best units, and sample (or, when small, collect) the scores.
-    protected: list[torch.Tensor | None] = []
+    protected: list[_Protection | None] = []
     collected: list[torch.Tensor] = []
     generator = torch.Generator().manual_seed(0)
     sample_size = _sample_size(total)
@@ -104,17 +120,17 @@ def find_cut(score_fns: Sequence[ScoreFn], sizes: Sequence[int], k: int, min_kep
         scores = fn(scratch).reshape(-1)
         if scratch is None:
             scores = scores.float().cpu().clone()
-        protected.append(_best(scores, min_kept) if min_kept > 0 else None)
+        protected.append(_protection(scores, min_kept))
         scores = _protect(scores, protected[-1])
         if scratch is None:
             collected.append(scores)
-        else:
+        elif n:
             positions = torch.randint(n, (max(1, round(sample_size * n / total)),), generator=generator)
             collected.append(scores[positions.to(scores.device)].float().cpu())
     if k == 0:
         return Cut(-math.inf, [0] * len(sizes), protected)
     if scratch is None:
-        everything = torch.cat(collected)
+        everything = torch.cat(collected) if collected else torch.empty(0)
         threshold = float(torch.kthvalue(everything, k).values)
         below = int((everything < threshold).sum())
         return Cut(threshold, _spread_ties(collected, threshold, k - below), protected)
@@ -178,9 +194,6 @@ def _sample_size(total: int) -> int:
     # The bracket holds about total·12σ/n scores; growing n with total keeps that near 2^22.
     wanted = (total * 6 / (1 << 22)) ** 2
     return int(min(max(wanted, 1 << 14), 1 << 22, total))
-
-
-_LARGEST = struct.unpack("<f", struct.pack("<i", 0x7F7FFFFF))[0]
 
 
 def _sample_bracket(sample: torch.Tensor, q: float) -> tuple[float, float]:

@@ -1,0 +1,33 @@
+"""Shared fixtures for the prunekit tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import settings
+from torch import nn
+
+settings.register_profile("prunekit", deadline=None, max_examples=50)
+settings.load_profile("prunekit")
+
+
+def make_tiny_model(seed: int = 0) -> nn.Sequential:
+    """Conv2d(3→4, 3×3) → ReLU → Flatten → Linear(4·6·6 → 5): takes (N, 3, 8, 8) inputs."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5),
+    )
+
+
+@pytest.fixture
+def tiny_model_factory():
+    """A factory for small conv+linear models; the same seed gives the same weights."""
+    return make_tiny_model
+
+
+@pytest.fixture
+def tiny_model() -> nn.Sequential:
+    return make_tiny_model()
