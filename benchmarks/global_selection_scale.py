@@ -13,13 +13,12 @@ Run:  python benchmarks/global_selection_scale.py            (~6 GB of RAM for t
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-
-import sys
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import PeakMemory, machine, today, write_result  # noqa: E402

@@ -167,13 +167,13 @@ class Pruner:
         """Zero every pruned weight in place (:meth:`step` does this; call it after editing weights yourself)."""
         self._check_alive()
         for param, keep in self._enforced_pairs():
-            param.mul_(keep)
+            mask_store.zero_pruned(param, keep)
 
     @torch.no_grad()
     def _mask_gradients(self) -> None:
         for param, keep in self._enforced_pairs():
             if param.grad is not None:
-                param.grad.mul_(keep)
+                mask_store.zero_pruned(param.grad, keep)
 
     @property
     def sparsity(self) -> float:
@@ -237,7 +237,7 @@ class Pruner:
                 continue
             for value in state.values():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    value.mul_(keep)
+                    mask_store.zero_pruned(value, keep)
 
     # ------------------------------------------------------------------ schedule
 
@@ -266,7 +266,9 @@ class Pruner:
         self._check_alive()
         if sparsity is None:
             due = self._due_event()
-            self._prune_to(self.schedule.sparsity_at(self.step_count if due is None else due, self.sparsity_target), due)
+            self._prune_to(
+                self.schedule.sparsity_at(self.step_count if due is None else due, self.sparsity_target), due
+            )
         else:
             self._prune_to(_final_sparsity(sparsity, self.granularity), None)
 
@@ -276,8 +278,13 @@ class Pruner:
         with torch.no_grad():
             caching = bool(self._keep_cache)
             self._enforced = None
+            # Unless the bool masks are kept for training, unpack each into one reused buffer.
+            largest = max((8 * p.numel() for p in new_masks.values()), default=0)
+            buffer = None if caching or largest < 1 << 16 else torch.empty(largest, dtype=torch.uint8)
             for (module, param_name, full_name), packed in new_masks.items():
-                keep = mask_store.unpack_mask(packed, getattr(module, param_name).shape)
+                param = getattr(module, param_name)
+                out = buffer if buffer is not None and buffer.device == packed.device else None
+                keep = mask_store.unpack_mask(packed, param.shape, out=out)
                 mask_store.set_mask(module, param_name, keep, packed)
                 self._keep_cache.pop(full_name, None)
                 if caching:
@@ -307,8 +314,14 @@ class Pruner:
             sizes = [_num_units(self.granularity, t) for t in layers]
             score_fns = [self._score_fn(t) for t in layers]
             cut = find_cut(score_fns, sizes, round(layer_sparsity * sum(sizes)), self.min_kept)
-            scratch = torch.empty(max(sizes)) if sum(sizes) > 1 << 20 else None
+            scratch = None
             for i, target in enumerate(layers):
+                packed = cut.packed_keep(i) if score_fns[i].in_weight_order else None
+                if packed is not None:
+                    self._add_packed_mask(result, target, packed)
+                    continue
+                if scratch is None and sum(sizes) > 1 << 20:
+                    scratch = torch.empty(max(sizes))
                 units = cut.keep(i, score_fns[i](scratch))
                 self._add_mask(result, target, self.granularity.expand(units, target.oik_shape))
         return result
@@ -342,6 +355,13 @@ class Pruner:
                 bias_keep = bias_keep & old_bias
             result[(target.module, "bias", bias_name)] = mask_store.pack_mask(bias_keep)
 
+    def _add_packed_mask(self, result: dict, target: Target, packed: torch.Tensor) -> None:
+        """Like :meth:`_add_mask` for a weight-granularity mask that is already bit-packed."""
+        old = target.module._buffers.get(mask_store.mask_buffer_name(target.param_name))
+        if old is not None:
+            packed &= old.to(packed.device)
+        result[(target.module, target.param_name, target.full_name)] = packed.to(target.param.device)
+
     def _check_finite(self) -> None:
         for target in self.targets:
             weight = target.param.detach()
@@ -351,34 +371,8 @@ class Pruner:
                     f"layer {target.name!r} has NaN or inf weights; fix the model (or exclude the layer) before pruning"
                 )
 
-    def _score_fn(self, target: Target):
-        """A function ``fn(out)`` giving the target's flat unit scores (owned by the caller), with
-        already-pruned units at −inf; ``fn`` may write into ``out``, a float32 scratch buffer."""
-        criterion, granularity = self.criterion, self.granularity
-        n_units = _num_units(granularity, target)
-        direct_magnitude = (
-            type(criterion) in (Magnitude, L2Magnitude) and isinstance(granularity, Weight) and not target.transposed
-        )
-        alive = self._alive_units(target)
-
-        def scores(out: torch.Tensor | None) -> torch.Tensor:
-            weight = target.param.detach()
-            if direct_magnitude:
-                flat = weight.reshape(-1)
-                usable = out is not None and out.device == flat.device and flat.dtype == torch.float32
-                units = torch.abs(flat, out=out[:n_units]) if usable else flat.abs().float()
-            else:
-                element = criterion.score(target)
-                if isinstance(criterion, Custom):
-                    element = element.clone()
-                if not isinstance(criterion, Magnitude) and torch.isnan(element).any():
-                    raise ValueError(f"criterion {criterion.name!r} gave NaN scores for {target.full_name}")
-                units = granularity.unit_scores(target.to_oik(element.float()), criterion.reduce).reshape(-1)
-            if alive is not None:
-                units.masked_fill_(~alive, -math.inf)
-            return units
-
-        return scores
+    def _score_fn(self, target: Target) -> _LayerScores:
+        return _LayerScores(self, target)
 
     def _alive_units(self, target: Target) -> torch.Tensor | None:
         """Flat bool per unit: True where any weight of the unit is still kept; None if never pruned."""
@@ -532,6 +526,46 @@ class Pruner:
 
     def __deepcopy__(self, memo):
         raise TypeError("a Pruner is tied to its model; deepcopy the model and build a new pk.Pruner for the copy")
+
+
+class _LayerScores:
+    """One target's flat unit scores for :func:`prunekit.selection.find_cut`: already-pruned units
+    score −inf, and the tensor returned is the caller's to modify (never a view of the weight)."""
+
+    def __init__(self, pruner: Pruner, target: Target):
+        self.target, self.criterion, self.granularity = target, pruner.criterion, pruner.granularity
+        self.n_units = _num_units(self.granularity, target)
+        #: Units are the weights themselves, in the weight's own memory order.
+        self.in_weight_order = isinstance(self.granularity, Weight) and not target.transposed
+        self.direct_magnitude = type(self.criterion) in (Magnitude, L2Magnitude) and self.in_weight_order
+        self.alive = pruner._alive_units(target)
+
+    def __call__(self, out: torch.Tensor | None) -> torch.Tensor:
+        if self.direct_magnitude:
+            flat = self.target.param.detach().reshape(-1)
+            usable = out is not None and out.device == flat.device and flat.dtype == torch.float32
+            units = torch.abs(flat, out=out[: self.n_units]) if usable else flat.abs().float()
+        else:
+            element = self.criterion.score(self.target)
+            if isinstance(self.criterion, Custom):
+                element = element.clone()
+            if not isinstance(self.criterion, Magnitude) and torch.isnan(element).any():
+                raise ValueError(f"criterion {self.criterion.name!r} gave NaN scores for {self.target.full_name}")
+            units = self.granularity.unit_scores(self.target.to_oik(element.float()), self.criterion.reduce)
+            units = units.reshape(-1)
+        if self.alive is not None:
+            units.masked_fill_(~self.alive, -math.inf)
+        return units
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Scores of the units at these flat positions only."""
+        if not self.direct_magnitude:
+            return self(None)[positions.to(self.target.param.device)]
+        positions = positions.to(self.target.param.device)
+        units = self.target.param.detach().reshape(-1)[positions].abs().float()
+        if self.alive is not None:
+            units.masked_fill_(~self.alive[positions], -math.inf)
+        return units
 
 
 def _num_units(granularity: Granularity, target: Target) -> int:

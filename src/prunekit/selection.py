@@ -14,7 +14,9 @@ layer at a time, so the extra memory is one layer's scores plus a small sample:
    statistics ``lo ≤ v* ≤ hi`` (a band of ±6σ around the sample rank, σ = √(n·q·(1−q)));
 2. one pass counts the scores below ``lo`` and keeps the few in ``[lo, hi]``, from which v* and
    the number of ties to prune in each layer are read exactly;
-3. the caller builds each layer's mask from :meth:`Cut.keep`, one layer at a time.
+3. a layer that would keep fewer than ``min_kept`` units gets its best units taken out of the
+   competition (they are kept), and v* is read again from the same counts;
+4. the caller builds each layer's mask from :meth:`Cut.keep`, one layer at a time.
 
 If the sample misleads (very unlikely) the bracket is narrowed by bisection over the float32 bit
 patterns with counting passes, so memory stays bounded either way. Scores are float32; a unit that
@@ -26,12 +28,15 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from .masks import pack_mask, set_bits
+
 #: ``fn(out)`` returns one layer's flat float32 scores; it may write them into ``out`` (a scratch
-#: buffer at least that long, or None) and the result is only read until the next call.
+#: buffer at least that long, or None) and the result is only read until the next call. It may also
+#: offer ``fn.at(positions)``, the scores at those flat positions alone, which makes sampling cheap.
 ScoreFn = Callable[[torch.Tensor | None], torch.Tensor]
 
 #: Up to this many units in all, scores are concatenated (fast; the result is the same).
@@ -45,127 +50,153 @@ _LARGEST = struct.unpack("<f", struct.pack("<i", 0x7F7FFFFF))[0]  # the largest 
 
 @dataclass
 class Cut:
-    """Where to cut: prune scores below ``threshold`` and, in layer i, the first ``ties[i]`` units
-    scoring exactly ``threshold``; never prune the units in ``protected[i]``."""
+    """Where to cut: in layer i, keep the ``protected[i]`` units, prune the other units scoring below
+    ``threshold`` and the first ``ties[i]`` of those scoring exactly ``threshold``; keep the rest."""
 
     threshold: float
     ties: list[int]
-    protected: list[_Protection | None] = field(default_factory=list)
+    protected: list[torch.Tensor | None]
+    ranking: _Ranking | None = None
+
+    def packed_keep(self, layer: int) -> torch.Tensor | None:
+        """The layer's keep-mask already bit-packed (see :func:`prunekit.masks.pack_mask`), built from
+        what the counting pass recorded without scoring again; None when that pass did not record it."""
+        ranking = self.ranking
+        if ranking is None or ranking.tentative is None:
+            return None
+        packed = ranking.tentative[layer].clone()
+        positions, values = ranking.positions[layer], ranking.inside[layer]
+        pruned = values < self.threshold
+        pruned[(values == self.threshold).nonzero().squeeze(1)[: self.ties[layer]]] = True
+        set_bits(packed, positions[pruned], False)
+        if self.protected[layer] is not None:
+            set_bits(packed, self.protected[layer].cpu(), True)
+        return packed
 
     def keep(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
         """Flat bool keep-mask of ``layer`` given its scores (as its score function returns them)."""
-        scores = _protect(scores.reshape(-1), self.protected[layer] if self.protected else None)
-        ties = self.ties[layer]
+        scores = scores.reshape(-1)
+        protected, ties = self.protected[layer], self.ties[layer]
         if ties == 0:
-            return scores >= self.threshold
-        keep = scores > self.threshold
-        at_threshold = scores == self.threshold
-        if ties < int(at_threshold.sum()):
-            keep[at_threshold.nonzero().squeeze(1)[ties:]] = True
+            keep = scores >= self.threshold
+        else:
+            keep = scores > self.threshold
+            at_threshold = scores == self.threshold
+            if protected is not None:
+                at_threshold[protected] = False
+            if ties < int(at_threshold.sum()):
+                keep[at_threshold.nonzero().squeeze(1)[ties:]] = True
+        if protected is not None:
+            keep[protected] = True
         return keep
 
 
-@dataclass
-class _Protection:
-    """A layer's units that must be kept. They are given +inf, so a layer whose own scores reach
-    +inf has them lowered to the largest finite float first (``clamp``)."""
-
-    positions: torch.Tensor
-    clamp: bool
-
-
-def _protect(scores: torch.Tensor, protection: _Protection | None) -> torch.Tensor:
-    if protection is not None:
-        if protection.clamp:
-            scores.clamp_(max=_LARGEST)
-        scores[protection.positions] = math.inf
-    return scores
-
-
-def _protection(scores: torch.Tensor, count: int) -> _Protection | None:
-    """Protect the ``count`` units that would be pruned last: the best scores and, among equal
-    scores, the later positions (ties are pruned earlier-first), so protecting a layer that would
-    keep them anyway changes nothing."""
-    if count == 0 or scores.numel() == 0:
-        return None
-    clamp = bool(scores.max() == math.inf)
-    if clamp:
-        scores.clamp_(max=_LARGEST)
+def _protection(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the ``count`` units that would be pruned last: the best scores and, among equal
+    scores, the later positions (ties are pruned earlier-first), so protecting a layer that keeps
+    them anyway changes nothing."""
     if count >= scores.numel():
-        return _Protection(torch.arange(scores.numel(), device=scores.device), clamp)
+        return torch.arange(scores.numel(), device=scores.device)
     last = scores.max() if count == 1 else torch.topk(scores, count).values[-1]
     above = (scores > last).nonzero().squeeze(1)
     ties = (scores == last).nonzero().squeeze(1)
-    return _Protection(torch.cat([above, ties[ties.numel() - (count - above.numel()) :]]), clamp)
+    return torch.cat([above, ties[ties.numel() - (count - above.numel()) :]])
+
+
+def _count(flags: torch.Tensor, protected: torch.Tensor | None) -> int:
+    """How many flags are set outside the protected positions (which take no part in the ranking)."""
+    if protected is not None:
+        flags[protected] = False
+    return int(torch.count_nonzero(flags))
+
+
+class _Ranking:
+    """What is known about the competing scores: per layer, how many lie below ``lo`` and the values
+    in ``[lo, hi]`` (protected units excluded)."""
+
+    def __init__(self, lo, hi, below: list[int], inside: list[torch.Tensor], positions=None, tentative=None):
+        self.lo, self.hi, self.below, self.inside = lo, hi, below, inside
+        # Optional, from a counting pass: where the inside values sit, and the packed mask "score ≥ lo".
+        self.positions, self.tentative = positions, tentative
+
+    def cut(self, k: int, protected: list[torch.Tensor | None]) -> Cut | None:
+        """The cut if v* lies in ``[lo, hi]``; None if it lies outside."""
+        below = sum(self.below)
+        values = torch.cat(self.inside) if self.inside else torch.empty(0)
+        if not below < k <= below + values.numel():
+            return None
+        threshold = float(torch.kthvalue(values, k - below).values)
+        to_prune = k - below - int((values < threshold).sum())
+        ties = []
+        for layer_values in self.inside:
+            ties.append(min(int((layer_values == threshold).sum()), to_prune))
+            to_prune -= ties[-1]
+        return Cut(threshold, ties, protected, self)
+
+    def kept(self, layer: int, size: int, cut: Cut) -> int:
+        values = self.inside[layer]
+        return size - self.below[layer] - int((values < cut.threshold).sum()) - cut.ties[layer]
+
+    def withdraw(self, layer: int, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Take protected units (at these positions, with these scores) out of the counts."""
+        inside = self.inside[layer]
+        drop = torch.zeros(inside.numel(), dtype=torch.bool)
+        recorded = self.positions[layer] if self.positions is not None else None
+        for position, value in zip(positions.tolist(), values.tolist()):
+            if value < self.lo:
+                self.below[layer] -= 1
+            elif value <= self.hi:
+                if recorded is not None:
+                    drop[int(torch.searchsorted(recorded, position))] = True
+                else:
+                    drop[int(((inside == value) & ~drop).nonzero()[0])] = True
+        self.inside[layer] = inside[~drop]
+        if recorded is not None:
+            self.positions[layer] = recorded[~drop]
 
 
 def find_cut(score_fns: Sequence[ScoreFn], sizes: Sequence[int], k: int, min_kept: int = 0) -> Cut:
-    """Find the :class:`Cut` pruning ``k`` units (fewer if ``min_kept`` forbids) of these layers.
-
-    ``score_fns`` must return tensors the caller owns (not views of weights): protection writes +inf
-    into them.
-    """
+    """Find the :class:`Cut` pruning ``k`` units (fewer if ``min_kept`` forbids) of these layers."""
     total = sum(sizes)
     if not 0 <= k <= total:
         raise ValueError(f"cannot prune {k} of {total} units")
     k = min(k, total - sum(min(min_kept, n) for n in sizes))
-    scratch = torch.empty(max(sizes, default=0), dtype=torch.float32) if total > SORT_LIMIT else None
-
-    # Pass 1: protect every layer's best units, and sample (or, when small, collect) the scores.
-    protected: list[_Protection | None] = []
-    collected: list[torch.Tensor] = []
-    generator = torch.Generator().manual_seed(0)
-    sample_size = _sample_size(total)
-    for fn, n in zip(score_fns, sizes):
-        scores = fn(scratch).reshape(-1)
-        if scratch is None:
-            scores = scores.float().cpu().clone()
-        protected.append(_protection(scores, min_kept))
-        scores = _protect(scores, protected[-1])
-        if scratch is None:
-            collected.append(scores)
-        elif n:
-            positions = torch.randint(n, (max(1, round(sample_size * n / total)),), generator=generator)
-            collected.append(scores[positions.to(scores.device)].float().cpu())
+    protected: list[torch.Tensor | None] = [None] * len(sizes)
     if k == 0:
         return Cut(-math.inf, [0] * len(sizes), protected)
-    if scratch is None:
-        everything = torch.cat(collected) if collected else torch.empty(0)
-        threshold = float(torch.kthvalue(everything, k).values)
-        below = int((everything < threshold).sum())
-        return Cut(threshold, _spread_ties(collected, threshold, k - below), protected)
-
-    fns = [lambda out, fn=fn, p=p: _protect(fn(out).reshape(-1), p) for fn, p in zip(score_fns, protected)]
-    lo, hi = _sample_bracket(torch.cat(collected), k / total)
-    # Pass 2, repeated only if the sample misled: count below the bracket, collect inside it.
-    while True:
-        below_lo, inside = _bracket_pass(fns, scratch, lo, hi)
-        if inside is not None:
-            values = torch.cat(inside)
-            if below_lo < k <= below_lo + values.numel():
-                threshold = float(torch.kthvalue(values, k - below_lo).values)
-                below = below_lo + int((values < threshold).sum())
-                return Cut(threshold, _spread_ties(inside, threshold, k - below), protected)
-            lo, hi = (-math.inf, lo) if k <= below_lo else (hi, math.inf)
-        elif _float_key(hi) - _float_key(lo) <= 1:
-            return _cut_between_neighbours(fns, scratch, k, lo, hi, protected)
-        lo, hi = _narrow(fns, scratch, k, lo, hi)
-
-
-def _cut_between_neighbours(fns, scratch, k, lo, hi, protected) -> Cut:
-    """v* is ``lo`` or ``hi``, adjacent float32 values shared by too many units to collect."""
-    below = _count(fns, scratch, lambda s: s < lo)
-    at_lo = [int(torch.count_nonzero(fn(scratch) == lo)) for fn in fns]
-    if k <= below + sum(at_lo):
-        threshold, ties_per_layer = lo, at_lo
+    if total <= SORT_LIMIT:
+        scratch = None
+        everything = [fn(None).reshape(-1).float().cpu().clone() for fn in score_fns]
+        ranking: _Ranking | None = _Ranking(-math.inf, math.inf, [0] * len(sizes), everything)
+        lo = hi = math.nan
     else:
-        below += sum(at_lo)
-        threshold, ties_per_layer = hi, [int(torch.count_nonzero(fn(scratch) == hi)) for fn in fns]
-    to_prune, ties = k - below, []
-    for available in ties_per_layer:
-        ties.append(min(available, to_prune))
-        to_prune -= ties[-1]
-    return Cut(threshold, ties, protected)
+        scratch = torch.empty(max(sizes), dtype=torch.float32)
+        lo, hi = _sample_bracket(_sample(score_fns, sizes, scratch), k / total)
+        ranking = None
+    while True:
+        if ranking is None:
+            ranking = _bracket_pass(score_fns, scratch, lo, hi, protected)
+        if ranking is None:  # too many scores inside the bracket to collect
+            if _float_key(hi) - _float_key(lo) > 1:
+                lo, hi = _narrow(score_fns, scratch, k, lo, hi, protected)
+                continue
+            cut, kept = _cut_between_neighbours(score_fns, scratch, k, lo, hi, protected)
+        else:
+            cut = ranking.cut(k, protected)
+            if cut is None:
+                lo, hi = (-math.inf, ranking.lo) if k <= sum(ranking.below) else (ranking.hi, math.inf)
+                lo, hi = _narrow(score_fns, scratch, k, lo, hi, protected)
+                ranking = None
+                continue
+            kept = [ranking.kept(i, n, cut) for i, n in enumerate(sizes)]
+        starving = [i for i, n in enumerate(sizes) if protected[i] is None and kept[i] < min(min_kept, n)]
+        if not starving:
+            return cut
+        for i in starving:
+            scores = score_fns[i](scratch).reshape(-1)
+            protected[i] = _protection(scores, min_kept)
+            if ranking is not None:
+                ranking.withdraw(i, protected[i].cpu(), scores[protected[i]].float().cpu())
 
 
 def prune_lowest(score_fns: Sequence[Callable[[], torch.Tensor]], sizes: Sequence[int], k: int, min_kept: int = 0):
@@ -173,27 +204,55 @@ def prune_lowest(score_fns: Sequence[Callable[[], torch.Tensor]], sizes: Sequenc
 
     ``score_fns[i]()`` returns layer i's scores; convenient when the scores are at hand.
     """
-    fns = [lambda out, fn=fn: fn().reshape(-1).float().clone() for fn in score_fns]
+    fns = [lambda out, fn=fn: fn().reshape(-1).float() for fn in score_fns]
     cut = find_cut(fns, sizes, k, min_kept)
     return [cut.keep(i, fn(None)) for i, fn in enumerate(fns)]
 
 
-def _spread_ties(per_layer: list[torch.Tensor], threshold: float, to_prune: int) -> list[int]:
-    """How many units at exactly ``threshold`` each layer prunes, filling layers in order."""
-    ties = []
-    for values in per_layer:
-        here = min(int((values == threshold).sum()), to_prune)
-        ties.append(here)
-        to_prune -= here
-    return ties
+def _cut_between_neighbours(fns, scratch, k, lo, hi, protected) -> tuple[Cut, list[int]]:
+    """v* is ``lo`` or ``hi``, adjacent float32 values shared by too many units to collect.
+    Returns the cut and how many units each layer keeps."""
+
+    def counts(predicate) -> list[int]:
+        return [_count(predicate(fn(scratch).reshape(-1)), p) for fn, p in zip(fns, protected)]
+
+    below, at_lo = counts(lambda s: s < lo), counts(lambda s: s == lo)
+    if k <= sum(below) + sum(at_lo):
+        threshold, available = lo, at_lo
+    else:
+        below = [b + a for b, a in zip(below, at_lo)]
+        threshold, available = hi, counts(lambda s: s == hi)
+    to_prune, ties = k - sum(below), []
+    for count in available:
+        ties.append(min(count, to_prune))
+        to_prune -= ties[-1]
+    sizes = [fn(scratch).numel() for fn in fns]
+    kept = [n - b - t for n, b, t in zip(sizes, below, ties)]
+    return Cut(threshold, ties, protected), kept
 
 
 def _sample_size(total: int) -> int:
     if SAMPLE_SIZE is not None:
         return min(SAMPLE_SIZE, total)
-    # The bracket holds about total·12σ/n scores; growing n with total keeps that near 2^22.
-    wanted = (total * 6 / (1 << 22)) ** 2
+    # The bracket holds about total·12σ/n ≤ total·6/√n scores; growing n with total keeps that near 2^18.
+    wanted = (total * 6 / (1 << 18)) ** 2
     return int(min(max(wanted, 1 << 14), 1 << 22, total))
+
+
+def _sample(score_fns, sizes, scratch) -> torch.Tensor:
+    total = sum(sizes)
+    sample_size = _sample_size(total)
+    generator = torch.Generator().manual_seed(0)
+    picked = []
+    for fn, n in zip(score_fns, sizes):
+        if n:
+            positions = torch.randint(n, (max(1, round(sample_size * n / total)),), generator=generator)
+            if hasattr(fn, "at"):  # scores of just these units, without scoring the whole layer
+                picked.append(fn.at(positions).float().cpu())
+            else:
+                scores = fn(scratch).reshape(-1)
+                picked.append(scores[positions.to(scores.device)].float().cpu())
+    return torch.cat(picked)
 
 
 def _sample_bracket(sample: torch.Tensor, q: float) -> tuple[float, float]:
@@ -203,33 +262,37 @@ def _sample_bracket(sample: torch.Tensor, q: float) -> tuple[float, float]:
     lo_rank, hi_rank = math.floor(rank - margin), math.ceil(rank + margin)
     lo = float(torch.kthvalue(sample, lo_rank + 1).values) if lo_rank >= 0 else -math.inf
     hi = float(torch.kthvalue(sample, hi_rank + 1).values) if hi_rank < n else math.inf
-    # Pruned units (−inf) and protected ones (+inf) can be many: keep them out of the bracket's inside.
+    # Pruned units (−inf) can be many: keep them below the bracket rather than inside it.
     return max(lo, -_LARGEST), min(hi, _LARGEST)
 
 
-def _bracket_pass(fns, scratch, lo: float, hi: float):
-    """Scores below ``lo`` (a count) and those in ``[lo, hi]`` (per layer; None if too many)."""
-    below_lo, inside, n_inside = 0, [], 0
+def _bracket_pass(fns, scratch, lo: float, hi: float, protected) -> _Ranking | None:
+    """Count below ``lo`` and collect ``[lo, hi]``, per layer; None if too many lie inside."""
+    below, inside, positions, tentative, n_inside = [], [], [], [], 0
     flags = torch.empty(scratch.numel(), dtype=torch.bool)
     more = torch.empty(scratch.numel(), dtype=torch.bool)
-    for fn in fns:
-        scores = fn(scratch)
+    for fn, p in zip(fns, protected):
+        scores = fn(scratch).reshape(-1)
         n = scores.numel()
         # Writing comparisons into reused buffers avoids page-faulting fresh memory every layer.
         on_cpu = scores.device.type == "cpu"
         at_least_lo = torch.ge(scores, lo, out=flags[:n]) if on_cpu else scores >= lo
-        below_lo += n - int(torch.count_nonzero(at_least_lo))
+        if p is not None:
+            at_least_lo[p] = False
+        below.append(n - (0 if p is None else p.numel()) - int(torch.count_nonzero(at_least_lo)))
         if inside is None:
             continue
         in_bracket = (torch.le(scores, hi, out=more[:n]) if on_cpu else scores <= hi).logical_and_(at_least_lo)
-        values = scores[in_bracket]
-        n_inside += values.numel()
-        inside = None if n_inside > CANDIDATE_LIMIT else inside + [values.cpu()]
-    return below_lo, inside
-
-
-def _count(fns, scratch, predicate) -> int:
-    return sum(int(torch.count_nonzero(predicate(fn(scratch)))) for fn in fns)
+        where = in_bracket.nonzero().squeeze(1)
+        n_inside += where.numel()
+        if n_inside > CANDIDATE_LIMIT:
+            inside = None
+            continue
+        inside.append(scores[where].float().cpu())
+        positions.append(where.cpu())
+        # Everything at or above lo is kept unless the cut says otherwise: record that, packed.
+        tentative.append(pack_mask(at_least_lo).cpu())
+    return None if inside is None else _Ranking(lo, hi, below, inside, positions, tentative)
 
 
 def _float_key(x: float) -> int:
@@ -243,12 +306,16 @@ def _key_float(key: int) -> float:
     return struct.unpack("<f", struct.pack("<i", bits))[0]
 
 
-def _narrow(fns, scratch, k, lo, hi):
+def _narrow(fns, scratch, k, lo, hi, protected):
     """Bisect [lo, hi] (which holds v*) on float32 bit patterns until few scores lie inside it."""
+
+    def count(predicate) -> int:
+        return sum(_count(predicate(fn(scratch).reshape(-1)), p) for fn, p in zip(fns, protected))
+
     lo_key, hi_key = _float_key(lo), _float_key(hi)
-    while hi_key - lo_key > 1 and _count(fns, scratch, lambda s, lo=lo, hi=hi: (s >= lo) & (s <= hi)) > CANDIDATE_LIMIT:
+    while hi_key - lo_key > 1 and count(lambda s, lo=lo, hi=hi: (s >= lo) & (s <= hi)) > CANDIDATE_LIMIT:
         mid = _key_float((lo_key + hi_key) // 2)
-        if _count(fns, scratch, lambda s, mid=mid: s <= mid) >= k:
+        if count(lambda s, mid=mid: s <= mid) >= k:
             hi, hi_key = mid, _float_key(mid)
         else:
             lo, lo_key = mid, _float_key(mid)

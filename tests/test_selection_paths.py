@@ -1,0 +1,66 @@
+"""The pruner gives identical masks whether selection concatenates scores or works in passes."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit as pk
+import prunekit.selection as selection
+
+
+def _model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 40), nn.Linear(40, 10))
+    with torch.no_grad():
+        model[4].weight.mul_(1e-3)  # a layer global pruning would empty without min_kept
+        model[3].weight[:5].fill_(0.01)  # ties
+    return model
+
+
+def _masks_both_ways(monkeypatch, run):
+    on_one_path = run(_model(0))
+    monkeypatch.setattr(selection, "SORT_LIMIT", 0)
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 64)
+    passes = []
+    real_pass = selection._bracket_pass
+    monkeypatch.setattr(selection, "_bracket_pass", lambda *a: passes.append(1) or real_pass(*a))
+    in_passes = run(_model(0))
+    assert passes, "the pass-based path was not taken"
+    return on_one_path, in_passes
+
+
+@pytest.mark.parametrize("scope", ["global", "local"])
+@pytest.mark.parametrize("min_kept", [0, 1, 3])
+@pytest.mark.parametrize("sparsity", [0.3, 0.9, 0.99])
+def test_one_shot_masks_match(monkeypatch, scope, min_kept, sparsity):
+    def run(model):
+        pk.prune(model, sparsity, scope=scope, min_kept=min_kept)
+        return pk.masked_parameters(model), copy.deepcopy(model.state_dict())
+
+    (masks_a, weights_a), (masks_b, weights_b) = _masks_both_ways(monkeypatch, run)
+    assert masks_a.keys() == masks_b.keys()
+    for name in masks_a:
+        assert torch.equal(masks_a[name], masks_b[name]), name
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "random", "l2"])
+def test_gradual_masks_match(monkeypatch, criterion):
+    def run(model):
+        pruner = pk.Pruner(model, 0.95, criterion=criterion, scope="global", schedule=pk.Gradual(0, 6, 2))
+        history = []
+        for _ in range(6):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.001)  # weights move between events, like training
+            pruner.step()
+            history.append({k: v.clone() for k, v in pruner.masks.items()})
+        return history
+
+    history_a, history_b = _masks_both_ways(monkeypatch, run)
+    for masks_a, masks_b in zip(history_a, history_b):
+        for name in masks_a:
+            assert torch.equal(masks_a[name], masks_b[name]), name
