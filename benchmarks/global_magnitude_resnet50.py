@@ -118,7 +118,7 @@ def main() -> None:
 
     rows = []
     for method, label in (
-        ("abs_pass", "one |w| pass (reference)"),
+        ("abs_pass", "one \\|w\\| pass (reference)"),
         ("prunekit", "pk.prune, global magnitude"),
         ("torch_prune", "torch.nn.utils.prune.global_unstructured"),
     ):

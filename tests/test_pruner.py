@@ -404,9 +404,9 @@ OPTIMIZERS = {
 STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 
 
-def assert_state_zero_at_pruned(model, optimizer):
+def assert_state_zero_at_pruned(model, optimizer, masks=None):
     checked = 0
-    for full_name, keep in pk.masked_parameters(model).items():
+    for full_name, keep in (pk.masked_parameters(model) if masks is None else masks).items():
         state = optimizer.state.get(model.get_parameter(full_name), {})
         for key in STATE_KEYS:
             if key in state:
@@ -434,38 +434,45 @@ def test_optimizers_pruned_weights_stay_zero_with_pruner_step(opt_name):
     assert all(torch.equal(pk.masked_parameters(model)[k], v) for k, v in masks.items())
 
 
+@pytest.mark.parametrize("mask_gradients", [False, True])
 @pytest.mark.parametrize("how", ["attach_optimizer", "constructor"])
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_attached_optimizer_keeps_pruned_zero_right_after_step(opt_name, how):
+def test_attached_optimizer_keeps_pruned_zero_right_after_step(opt_name, how, mask_gradients):
     model = make(MLP)
     optimizer = OPTIMIZERS[opt_name](model.parameters())
     if how == "attach_optimizer":
-        pruner = pk.prune(model, sparsity=0.75)
+        pruner = pk.prune(model, sparsity=0.75, mask_gradients=mask_gradients)
         pruner.attach_optimizer(optimizer)
     else:
-        pruner = pk.prune(model, sparsity=0.75, optimizer=optimizer)
+        pruner = pk.prune(model, sparsity=0.75, optimizer=optimizer, mask_gradients=mask_gradients)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     for batch in mlp_batches(5):
         train_step(model, optimizer, batch)
         assert_pruned_are_zero(model)  # before pruner.step()
-        assert assert_state_zero_at_pruned(model, optimizer) > 0
+        if mask_gradients:  # the state never holds anything at pruned entries
+            assert assert_state_zero_at_pruned(model, optimizer) > 0
     pruner.step()
     assert_pruned_are_zero(model)
     # and the kept weights did move
-    for full_name, keep in pk.masked_parameters(model).items():
+    masks = pk.masked_parameters(model)
+    for full_name, keep in masks.items():
         moved = model.get_parameter(full_name).detach() != initial[full_name]
         assert moved[keep].any()
+    # on removal the state is cleared at pruned entries, so nothing comes back
+    pruner.remove()
+    assert assert_state_zero_at_pruned(model, optimizer, masks) > 0
 
 
+@pytest.mark.parametrize("mask_gradients", [False, True])
 @pytest.mark.parametrize("opt_name", ["sgd_momentum_wd", "adam", "lbfgs"])
-def test_attached_optimizer_stepping_with_a_closure_keeps_pruned_zero(opt_name):
+def test_attached_optimizer_stepping_with_a_closure_keeps_pruned_zero(opt_name, mask_gradients):
     """``optimizer.step(closure)`` computes the gradients inside step(): pruned weights must still stay 0."""
     model = make(MLP)
     if opt_name == "lbfgs":
         optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
     else:
         optimizer = OPTIMIZERS[opt_name](model.parameters())
-    pruner = pk.prune(model, sparsity=0.75, optimizer=optimizer)
+    pruner = pk.prune(model, sparsity=0.75, optimizer=optimizer, mask_gradients=mask_gradients)
     for x, y in mlp_batches(3):
 
         def closure(x=x, y=y):
@@ -476,16 +483,18 @@ def test_attached_optimizer_stepping_with_a_closure_keeps_pruned_zero(opt_name):
 
         optimizer.step(closure)
         assert_pruned_are_zero(model)  # right after optimizer.step(), before pruner.step()
-        assert_state_zero_at_pruned(model, optimizer)
+        if mask_gradients:
+            assert_state_zero_at_pruned(model, optimizer)
         pruner.step()
         assert_pruned_are_zero(model)
 
 
+@pytest.mark.parametrize("mask_gradients", [False, True])
 @pytest.mark.parametrize("opt_name", ["adam", "adamw", "sgd_momentum_wd"])
-def test_pruning_mid_training_clears_attached_optimizer_state(opt_name):
+def test_pruning_mid_training_clears_attached_optimizer_state(opt_name, mask_gradients):
     model = make(MLP)
     optimizer = OPTIMIZERS[opt_name](model.parameters())
-    pruner = pk.Pruner(model, 0.6, schedule=pk.OneShot(at=3), optimizer=optimizer)
+    pruner = pk.Pruner(model, 0.6, schedule=pk.OneShot(at=3), optimizer=optimizer, mask_gradients=mask_gradients)
     batches = mlp_batches(6)
     for batch in batches[:2]:
         train_step(model, optimizer, batch)
@@ -511,7 +520,8 @@ def test_pruning_mid_training_clears_attached_optimizer_state(opt_name):
     for batch in batches[3:]:
         train_step(model, optimizer, batch)
         assert_pruned_are_zero(model)
-        assert_state_zero_at_pruned(model, optimizer)
+        if mask_gradients:
+            assert_state_zero_at_pruned(model, optimizer)
         pruner.step()
 
 

@@ -30,16 +30,24 @@ _BIT_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
 _GATHER_BITS = 0x8040201008040201 - (1 << 64)
 
 
-def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+def pack_mask(keep: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Pack a boolean tensor into a flat ``uint8`` tensor, 8 entries per byte (first entry in the
-    most significant bit). The shape is not stored: pass it to :func:`unpack_mask`."""
+    most significant bit). The shape is not stored: pass it to :func:`unpack_mask`.
+
+    ``scratch``, an ``int64`` buffer of at least ``ceil(numel / 8)`` entries, avoids a temporary of
+    ``numel`` bytes (worth it in loops over large layers, where such temporaries fragment the heap).
+    """
     flat = keep.reshape(-1)
     flat = flat.contiguous() if flat.dtype == torch.bool else flat != 0
     pad = (-flat.numel()) % 8
     if pad or flat.storage_offset() % 8:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     words = flat.view(torch.uint8).view(torch.int64)
-    return ((words * _GATHER_BITS) >> 56).to(torch.uint8)
+    if scratch is None or scratch.device != words.device or scratch.numel() < words.numel():
+        gathered = words * _GATHER_BITS
+    else:
+        gathered = torch.mul(words, _GATHER_BITS, out=scratch[: words.numel()])
+    return gathered.bitwise_right_shift_(56).to(torch.uint8)
 
 
 def unpack_mask(

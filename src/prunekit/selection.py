@@ -60,11 +60,13 @@ class Cut:
 
     def packed_keep(self, layer: int) -> torch.Tensor | None:
         """The layer's keep-mask already bit-packed (see :func:`prunekit.masks.pack_mask`), built from
-        what the counting pass recorded without scoring again; None when that pass did not record it."""
+        what the counting pass recorded without scoring again; None when that pass did not record it.
+        Each layer's mask can be taken once."""
         ranking = self.ranking
-        if ranking is None or ranking.tentative is None:
+        if ranking is None or ranking.tentative is None or ranking.tentative[layer] is None:
             return None
-        packed = ranking.tentative[layer].clone()
+        # Handed over, not copied: a layer's mask is asked for once, and copies would double the memory.
+        packed, ranking.tentative[layer] = ranking.tentative[layer], None
         positions, values = ranking.positions[layer], ranking.inside[layer]
         pruned = values < self.threshold
         pruned[(values == self.threshold).nonzero().squeeze(1)[: self.ties[layer]]] = True
@@ -236,7 +238,7 @@ def _sample_size(total: int) -> int:
         return min(SAMPLE_SIZE, total)
     # The bracket holds about total·12σ/n ≤ total·6/√n scores; growing n with total keeps that near 2^18.
     wanted = (total * 6 / (1 << 18)) ** 2
-    return int(min(max(wanted, 1 << 14), 1 << 22, total))
+    return int(min(max(wanted, 1 << 14), 1 << 20, total))
 
 
 def _sample(score_fns, sizes, scratch) -> torch.Tensor:
@@ -271,6 +273,7 @@ def _bracket_pass(fns, scratch, lo: float, hi: float, protected) -> _Ranking | N
     below, inside, positions, tentative, n_inside = [], [], [], [], 0
     flags = torch.empty(scratch.numel(), dtype=torch.bool)
     more = torch.empty(scratch.numel(), dtype=torch.bool)
+    words = torch.empty((scratch.numel() + 7) // 8, dtype=torch.int64)
     for fn, p in zip(fns, protected):
         scores = fn(scratch).reshape(-1)
         n = scores.numel()
@@ -291,7 +294,7 @@ def _bracket_pass(fns, scratch, lo: float, hi: float, protected) -> _Ranking | N
         inside.append(scores[where].float().cpu())
         positions.append(where.cpu())
         # Everything at or above lo is kept unless the cut says otherwise: record that, packed.
-        tentative.append(pack_mask(at_least_lo).cpu())
+        tentative.append(pack_mask(at_least_lo, words).cpu())
     return None if inside is None else _Ranking(lo, hi, below, inside, positions, tentative)
 
 
