@@ -236,8 +236,8 @@ def _cut_between_neighbours(fns, scratch, k, lo, hi, protected) -> tuple[Cut, li
 def _sample_size(total: int) -> int:
     if SAMPLE_SIZE is not None:
         return min(SAMPLE_SIZE, total)
-    # The bracket holds about total·12σ/n ≤ total·6/√n scores; growing n with total keeps that near 2^18.
-    wanted = (total * 6 / (1 << 18)) ** 2
+    # The bracket holds about total·12σ/n ≤ total·6/√n scores; growing n with total keeps that near 2^19.
+    wanted = (total * 6 / (1 << 19)) ** 2
     return int(min(max(wanted, 1 << 14), 1 << 20, total))
 
 
