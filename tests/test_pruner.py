@@ -1079,3 +1079,12 @@ def test_nm_under_gradual_schedule_goes_4_3_2():
                 assert not (keep & ~previous[key]).any()
         previous = {k: v.clone() for k, v in masks.items()}
     assert seen == [4, 3, 2]
+
+
+def test_tied_weights_are_pruned_once():
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight  # tied, as in a language model's embedding and output layer
+    model = nn.Sequential(first, nn.ReLU(), second)
+    pruner = pk.prune(model, 0.5, scope="global")
+    assert [t.name for t in pruner.targets] == ["0"]
+    assert n_zero(first.weight) == 32 and second.weight is first.weight

@@ -155,12 +155,15 @@ def find_targets(
                 f"{_preview(name for name, _ in candidates)}); fix or remove it"
             )
 
-    targets = []
+    targets, seen = [], set()
     for name, module in candidates:
         if includes and not any(_matches(s, name, module) for s in includes):
             continue
         if any(_matches(s, name, module) for s in excludes):
             continue
+        if id(module.weight) in seen:  # a weight shared by several modules (tied weights) is one target
+            continue
+        seen.add(id(module.weight))
         targets.append(Target(name, module))
     if not targets:
         raise ValueError(
