@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PeakMemory, machine, today, write_result  # noqa: E402
+from _common import RESULTS, PeakMemory, machine, today, write_result  # noqa: E402
 
 import prunekit as pk  # noqa: E402
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.9])
     args = parser.parse_args()
 
-    rows = []
+    rows, measured = [], []
     for sparsity in args.sparsity:
         model = build(args.layers, args.width)
         n_weights = sum(layer.weight.numel() for layer in model)
@@ -60,6 +60,7 @@ def main() -> None:
             f"| {sparsity:.0%} | {n_weights / 1e9:.2f}e9 | {n_weights * 4 / 2**30:.1f} | {requested:,} | {zeros:,} | "
             f"{'yes' if exact else 'NO'} | {seconds:.1f} | {memory.extra / 2**20:.0f} |"
         )
+        measured.append((sparsity, memory.extra, n_weights))
         print(rows[-1], flush=True)
         del model
 
@@ -83,8 +84,28 @@ For comparison (not run): `torch.kthvalue` on the concatenated |w| would allocat
 float mask per layer (2 × 5.6 GiB).
 """
     path = write_result("global_selection_scale", text)
+    _plot(measured)
     print(text)
     print(f"wrote {path}")
+
+
+def _plot(measured) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6, 3.2))
+    labels = [f"{sparsity:.0%}" for sparsity, _, _ in measured]
+    axis.bar(labels, [extra / 2**20 for _, extra, _ in measured], color="#2a7", label="prunekit, extra peak")
+    axis.axhline(1024, color="k", ls="--", lw=1, label="target: 1 GiB")
+    axis.axhline(measured[0][2] * 4 / 2**20, color="#c55", ls=":", lw=1, label="one float32 copy of all scores")
+    axis.set_xlabel("global sparsity")
+    axis.set_ylabel("MiB")
+    axis.set_title(f"global magnitude pruning of {measured[0][2] / 1e9:.2f}e9 weights")
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "global_selection_scale.png", dpi=120)
 
 
 if __name__ == "__main__":
