@@ -7,9 +7,6 @@ import datetime
 import gc
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,18 +50,6 @@ class PeakMemory:
         self.peak = _status_kib("VmHWM") * 1024
         self.extra = self.peak - self.before
         return False
-
-
-def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def machine() -> str:

@@ -126,16 +126,13 @@ class Pruner:
     # ------------------------------------------------------------------ masks
 
     def _list_maskable(self) -> list[tuple[nn.Module, str, str]]:
+        """(module, parameter name, full name) of every parameter this pruner may mask."""
         found = []
         for target in self.targets:
             found.append((target.module, target.param_name, target.full_name))
             if self.granularity.prunes_bias and target.bias is not None:
-                found.append((target.module, "bias", f"{target.name}.bias" if target.name else "bias"))
+                found.append((target.module, "bias", target.name_of("bias")))
         return found
-
-    def _maskable(self) -> list[tuple[nn.Module, str, str]]:
-        """(module, parameter name, full name) of every parameter this pruner may mask."""
-        return self._maskable_params
 
     def _enforced_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(parameter, bool keep-mask) for every masked parameter, built once per mask change."""
@@ -161,7 +158,7 @@ class Pruner:
     def masks(self) -> dict[str, torch.Tensor]:
         """``{"<layer>.weight": bool keep-mask}`` for every masked parameter (True = kept)."""
         found = {}
-        for module, param_name, full_name in self._maskable():
+        for module, param_name, full_name in self._maskable_params:
             keep = mask_store.get_mask(module, param_name)
             if keep is not None:
                 found[full_name] = keep
@@ -234,7 +231,7 @@ class Pruner:
     def _clear_optimizer_state(self) -> None:
         if self._optimizer is None:
             return
-        for module, param_name, full_name in self._maskable():
+        for module, param_name, full_name in self._maskable_params:
             param = getattr(module, param_name)
             keep = self._keep(module, param_name, full_name)
             state = self._optimizer.state.get(param)
@@ -346,26 +343,22 @@ class Pruner:
         return [(layers, value) for layers, value in groups if value > 0]
 
     def _add_mask(self, result: dict, target: Target, keep_oik: torch.Tensor) -> None:
-        keep = target.from_oik(keep_oik)
-        old = self._keep(target.module, target.param_name, target.full_name)
-        if old is not None:
-            keep = keep & old
-        result[(target.module, target.param_name, target.full_name)] = mask_store.pack_mask(keep)
+        """Record the weight's new mask and, when units are whole outputs, its bias's."""
+        self._add_packed_mask(result, target, mask_store.pack_mask(target.from_oik(keep_oik)))
         bias = target.bias
         if self.granularity.prunes_bias and bias is not None and bias.numel() == keep_oik.shape[0]:
             bias_keep = keep_oik.reshape(keep_oik.shape[0], -1).any(dim=1)
-            bias_name = f"{target.name}.bias" if target.name else "bias"
-            old_bias = self._keep(target.module, "bias", bias_name)
-            if old_bias is not None:
-                bias_keep = bias_keep & old_bias
-            result[(target.module, "bias", bias_name)] = mask_store.pack_mask(bias_keep)
+            self._add_packed_mask(result, target, mask_store.pack_mask(bias_keep), "bias")
 
-    def _add_packed_mask(self, result: dict, target: Target, packed: torch.Tensor) -> None:
-        """Like :meth:`_add_mask` for a weight-granularity mask that is already bit-packed."""
-        old = target.module._buffers.get(mask_store.mask_buffer_name(target.param_name))
+    def _add_packed_mask(self, result: dict, target: Target, packed: torch.Tensor, param_name: str = "") -> None:
+        """Record a bit-packed mask for the target's weight (or ``param_name``), intersected with the
+        one already there, since masks only grow."""
+        param_name = param_name or target.param_name
+        old = target.module._buffers.get(mask_store.mask_buffer_name(param_name))
         if old is not None:
             packed &= old.to(packed.device)
-        result[(target.module, target.param_name, target.full_name)] = packed.to(target.param.device)
+        param = getattr(target.module, param_name)
+        result[(target.module, param_name, target.name_of(param_name))] = packed.to(param.device)
 
     def _check_finite(self) -> None:
         for target in self.targets:
@@ -428,7 +421,7 @@ class Pruner:
         """Everything needed to resume: masks (bit-packed), step, schedule position, criterion state
         (movement scores, random generator) and the rewind point. Save it next to ``model.state_dict()``."""
         masks = {}
-        for module, param_name, full_name in self._maskable():
+        for module, param_name, full_name in self._maskable_params:
             packed = module._buffers.get(mask_store.mask_buffer_name(param_name))
             if packed is not None:
                 masks[full_name] = packed.clone()
@@ -437,7 +430,7 @@ class Pruner:
             "step": self.step_count,
             "last_event": self._last_event,
             "masks": masks,
-            "shapes": {name: tuple(getattr(m, p).shape) for m, p, name in self._maskable() if name in masks},
+            "shapes": {name: tuple(getattr(m, p).shape) for m, p, name in self._maskable_params if name in masks},
             "criterion": self.criterion.state_dict(),
             "rewind_step": self._rewind_step,
             "rewind_state": self._rewind_state,
@@ -458,7 +451,7 @@ class Pruner:
         self._check_alive()
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
             raise ValueError("not a prunekit Pruner state_dict (missing or unknown 'version')")
-        known = {full_name: (module, param_name) for module, param_name, full_name in self._maskable()}
+        known = {full_name: (module, param_name) for module, param_name, full_name in self._maskable_params}
         unpacked = {}
         for full_name, packed in state["masks"].items():
             if full_name not in known:
@@ -476,7 +469,7 @@ class Pruner:
                 )
             unpacked[full_name] = (module, param_name, mask_store.unpack_mask(packed.cpu(), shape))
         with torch.no_grad():
-            for module, param_name, _ in self._maskable():
+            for module, param_name, _ in self._maskable_params:
                 mask_store.remove_mask(module, param_name)
             self._keep_cache.clear()
             self._enforced = None
@@ -501,7 +494,7 @@ class Pruner:
         self._clear_optimizer_state()
         self.apply_masks()
         self._unhook()
-        for module, param_name, _ in self._maskable():
+        for module, param_name, _ in self._maskable_params:
             mask_store.remove_mask(module, param_name)
         self._keep_cache.clear()
         self._enforced = None

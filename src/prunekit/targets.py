@@ -51,7 +51,11 @@ class Target:
 
     @property
     def full_name(self) -> str:
-        return f"{self.name}.{self.param_name}" if self.name else self.param_name
+        return self.name_of(self.param_name)
+
+    def name_of(self, param_name: str) -> str:
+        """The model-level name of one of this module's parameters, e.g. ``"features.0.bias"``."""
+        return f"{self.name}.{param_name}" if self.name else param_name
 
     @property
     def transposed(self) -> bool:
