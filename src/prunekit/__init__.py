@@ -14,17 +14,27 @@ Quick start::
     print(pk.summary(model))
 """
 
+from .compact import CompactionError, apply_plan, compact, load_pruned, save_pruned
 from .criteria import Criterion, Custom, Gradient, L2Magnitude, Magnitude, Movement, Random
 from .granularity import NM, Block, Granularity
 from .masks import masked_parameters
 from .pruner import Pruner, prune
 from .schedules import Gradual, Iterative, OneShot, Schedule, epochs_to_steps
+from .structure import ChannelDependencies, UnsupportedOperationError, trace_dependencies
 from .summary import LayerStats, Summary, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Block",
+    "ChannelDependencies",
+    "CompactionError",
+    "UnsupportedOperationError",
+    "apply_plan",
+    "compact",
+    "load_pruned",
+    "save_pruned",
+    "trace_dependencies",
     "Criterion",
     "Custom",
     "Gradient",

@@ -15,11 +15,22 @@ import torch
 from torch import nn
 
 from . import masks as mask_store
+from .compact import removed_units
 from .criteria import Criterion, Custom, L2Magnitude, Magnitude, get_criterion
-from .granularity import NM, Granularity, Weight, get_granularity
+from .granularity import NM, Granularity, OutChannel, Weight, get_granularity
 from .schedules import OneShot, Schedule
 from .selection import find_cut
-from .targets import LayerSelector, Target, check_sparsity, find_targets, resolve_layer_sparsity
+from .structure.dependencies import ChannelDependencies, trace_dependencies
+from .structure.units import choose_units, unit_keep_masks, unit_scores
+from .targets import (
+    LayerSelector,
+    Target,
+    _preview,
+    check_sparsity,
+    find_targets,
+    name_matches,
+    resolve_layer_sparsity,
+)
 
 SCOPES = ("local", "global")
 _STATE_VERSION = 1
@@ -42,7 +53,18 @@ class Pruner:
         include / exclude: module types or name patterns choosing the layers (see :mod:`prunekit.targets`).
         min_kept: units every layer keeps whatever the scope says (default 1), so no layer is ever
             emptied and no path through the network is cut.
-        example_inputs: a tensor or tuple of tensors, used by :meth:`summary` to count MACs.
+        example_inputs: a tensor, tuple or dict the model accepts, used by :meth:`summary` to count MACs
+            and, with ``granularity="out_channel"``, to trace which channels are coupled.
+        coupled: with ``granularity="out_channel"`` and ``example_inputs`` (default True), prune whole
+            dependency groups (:mod:`prunekit.structure`): every filter, bias, norm entry and input column
+            of a removed channel is masked together across residual adds, concats, grouped convs and
+            attention heads, so :func:`prunekit.compact` can remove them exactly. ``coupled=False``
+            prunes each layer's filters on its own (masks only). Sparsity then counts units (coupled
+            channel groups), ``layer_sparsity`` patterns name the layer that produces a group.
+        prune_outputs: let coupled pruning remove channels that reach a model output (default False:
+            a classifier keeps its classes, an encoder its hidden size).
+        round_to: with coupled pruning, keep every layer's channel count a multiple of this (8 or 16
+            suit fast kernels), by pruning a little less.
         data / loss_fn: batches and loss for the gradient criteria (see :mod:`prunekit.criteria`).
         optimizer: the training optimizer; attaching it re-applies the masks right after each of its
             steps and clears its state at pruned entries (see :meth:`attach_optimizer`).
@@ -72,6 +94,9 @@ class Pruner:
         exclude: LayerSelector | Iterable[LayerSelector] | None = None,
         min_kept: int = 1,
         example_inputs: Any = None,
+        coupled: bool = True,
+        prune_outputs: bool = False,
+        round_to: int = 1,
         data: Iterable | None = None,
         loss_fn: Callable | None = None,
         optimizer: torch.optim.Optimizer | None = None,
@@ -104,6 +129,13 @@ class Pruner:
             raise ValueError("with pk.NM a layer_sparsity override can only be 0.0 (leave that layer dense)")
         self.example_inputs = example_inputs
         self.mask_gradients = bool(mask_gradients)
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to must be a whole number of channels ≥ 1, got {round_to!r}")
+        self.round_to = round_to
+        self.dependencies: ChannelDependencies | None = None
+        if coupled and isinstance(self.granularity, OutChannel) and example_inputs is not None:
+            self.dependencies = trace_dependencies(model, example_inputs, exclude=exclude, prune_outputs=prune_outputs)
+            self._family_sparsity = self._resolve_family_sparsity(layer_sparsity or {})
 
         self.step_count = 0
         self._last_event = -1
@@ -127,6 +159,12 @@ class Pruner:
 
     def _list_maskable(self) -> list[tuple[nn.Module, str, str]]:
         """(module, parameter name, full name) of every parameter this pruner may mask."""
+        if self.dependencies is not None:
+            unique = {}
+            for piece in self.dependencies.slices:
+                if piece.tensor_name in piece.module._parameters:
+                    unique.setdefault(piece.full_name, (piece.module, piece.tensor_name, piece.full_name))
+            return list(unique.values())
         found = []
         for target in self.targets:
             found.append((target.module, target.param_name, target.full_name))
@@ -308,6 +346,8 @@ class Pruner:
         self._check_finite()
         self.criterion.prepare(self.model, self.targets)
         result: dict[tuple[nn.Module, str, str], torch.Tensor] = {}
+        if self.dependencies is not None:
+            return self._coupled_masks(sparsity)
         for layers, layer_sparsity in self._selection_groups(sparsity):
             if isinstance(self.granularity, NM):
                 for target in layers:
@@ -326,6 +366,53 @@ class Pruner:
                     scratch = torch.empty(max(sizes))
                 units = cut.keep(i, score_fns[i](scratch))
                 self._add_mask(result, target, self.granularity.expand(units, target.oik_shape))
+        return result
+
+    def _resolve_family_sparsity(self, overrides: Mapping[str, float]) -> dict[int, float]:
+        """layer_sparsity patterns, matched against the module producing each family of units."""
+        found: dict[int, float] = {}
+        used = set()
+        for index, name in enumerate(self.dependencies.families):
+            module_name = name.rpartition(".")[0]
+            for pattern, value in overrides.items():
+                if name_matches(pattern, module_name):
+                    found[index] = check_sparsity(value, f"layer_sparsity[{pattern!r}]")
+                    used.add(pattern)
+                    break
+        unused = [p for p in overrides if p not in used]
+        if unused:
+            raise ValueError(
+                f"layer_sparsity patterns {unused} match no layer whose channels can be pruned; "
+                f"the layers producing prunable channels are: {_preview(self.dependencies.families)}"
+            )
+        return found
+
+    def _coupled_masks(self, sparsity: float) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
+        """Masks for coupled structured pruning: whole dependency groups (see :mod:`prunekit.structure`)."""
+        deps = self.dependencies
+        by_name = {t.full_name: t for t in self.targets}
+        scores = unit_scores(
+            deps, {name: (lambda t=t: self.criterion.score(t)) for name, t in by_name.items()}, self.criterion.reduce
+        )
+        if torch.isnan(scores).any():
+            raise ValueError(f"criterion {self.criterion.name!r} gave NaN scores")
+        num_families = len(deps.families)
+        family_sparsity = torch.full((num_families,), float(sparsity), dtype=torch.float64)
+        pooled = torch.full((num_families,), self.scope == "global", dtype=torch.bool)
+        for index, value in self._family_sparsity.items():
+            family_sparsity[index], pooled[index] = value, False
+        pruned = choose_units(
+            scores, deps.unit_family, family_sparsity, pooled, removed_units(deps), self.min_kept, self.round_to
+        )
+        result = {}
+        modules = {full: (module, param) for module, param, full in self._maskable_params}
+        for full_name, keep in unit_keep_masks(deps, pruned).items():
+            module, param_name = modules[full_name]
+            packed = mask_store.pack_mask(keep)
+            old = module._buffers.get(mask_store.mask_buffer_name(param_name))
+            if old is not None:
+                packed &= old.to(packed.device)
+            result[(module, param_name, full_name)] = packed.to(keep.device)
         return result
 
     def _selection_groups(self, sparsity: float) -> list[tuple[list[Target], float]]:

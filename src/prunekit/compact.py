@@ -1,0 +1,309 @@
+"""Compaction: physically remove pruned channels, so the model is a smaller dense model.
+
+:func:`compact` traces the model's channel dependencies (:mod:`prunekit.structure`), finds the units
+whose every parameter slice is pruned (masked, or exactly zero when the model carries no prunekit
+masks), slices them out of every parameter and buffer they touch, updates the attributes that describe
+shapes (``in_features``, ``out_channels``, ``groups``, ``num_features``, ...) and checks that the
+result computes what the masked model computed.
+
+What was removed is a *plan*: for every sliced tensor, the indices kept along each dimension. A plan
+is plain JSON; :func:`save_pruned` writes it with the weights, and :func:`load_pruned` applies it to a
+fresh instance of the original model class before loading the weights, so no pickled module is ever
+needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import masks as mask_store
+from .structure.dependencies import ChannelDependencies, call_model, trace_dependencies
+from .structure.trace import _tensors
+from .targets import LayerSelector
+
+PLAN_FORMAT = "prunekit-plan/1"
+
+
+class CompactionError(RuntimeError):
+    """The compacted model does not compute what the masked model computes."""
+
+
+def compact(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    exclude: LayerSelector | Iterable[LayerSelector] | None = None,
+    prune_outputs: bool = False,
+    inplace: bool = False,
+    check: bool = True,
+    tolerance: float = 1e-4,
+) -> nn.Module:
+    """Return ``model`` with its pruned channels, neurons and heads physically removed.
+
+    Args:
+        model: a model pruned with ``granularity="out_channel"`` and ``example_inputs`` (so whole
+            coupled groups are masked), or any model whose removable channels are exactly zero.
+        example_inputs: a tensor, tuple or dict the model accepts; used to trace dependencies and to
+            check the result.
+        exclude / prune_outputs: as given to the pruner (see :func:`prunekit.structure.trace_dependencies`).
+        inplace: change ``model`` itself instead of a deep copy (saves memory on large models).
+        check: run both models on ``example_inputs`` and raise :class:`CompactionError` if any output
+            differs by more than ``tolerance`` × the largest absolute output value.
+
+    The returned model carries no prunekit masks (its pruned weights are gone); its ``prunekit_plan``
+    attribute holds the plan, which :func:`save_pruned` stores.
+    """
+    dependencies = trace_dependencies(model, example_inputs, exclude=exclude, prune_outputs=prune_outputs)
+    pruned_units = removed_units(dependencies)
+    plan = _plan(dependencies, pruned_units)
+    reference = _run(model, example_inputs) if check else None
+    small = model if inplace else copy.deepcopy(model)
+    with torch.no_grad():
+        for module in small.modules():
+            for param_name in list(module._parameters):
+                keep = mask_store.get_mask(module, param_name)
+                if keep is not None:
+                    mask_store.zero_pruned(module._parameters[param_name], keep)
+                    mask_store.remove_mask(module, param_name)
+    apply_plan(small, plan)
+    small.prunekit_plan = _compose(getattr(model, "prunekit_plan", None), plan)
+    if check:
+        try:
+            result = _run(small, example_inputs)
+        except Exception as error:
+            raise CompactionError(
+                f"the compacted model fails on the example inputs ({type(error).__name__}: {error}). "
+                "Its forward probably uses a channel count or index written as a constant (e.g. x[:, :64] or "
+                "x.view(n, 512)); exclude the module doing it (exclude=[...]) so its channels stay"
+            ) from error
+        _check(reference, result, tolerance)
+    return small
+
+
+def removed_units(dependencies: ChannelDependencies) -> torch.Tensor:
+    """Bool per unit: True when the unit's channels are zero: every parameter slice that makes them
+    (filters, biases, norm weights) is pruned, i.e. masked, or all zeros where the parameter has no mask.
+    Input columns that read the channels and buffers (running statistics) do not count: they go with it."""
+    gone = torch.ones(dependencies.num_units, dtype=torch.bool)
+    seen = torch.zeros(dependencies.num_units, dtype=torch.bool)
+    for piece in dependencies.slices:
+        if piece.tensor_name not in piece.module._parameters or piece.consumer:
+            continue
+        keep = mask_store.get_mask(piece.module, piece.tensor_name)
+        values = piece.tensor.detach()
+        alive = keep if keep is not None else values != 0
+        if values.device.type == "meta":
+            alive = torch.ones(values.shape, dtype=torch.bool)
+        alive = alive.cpu().movedim(piece.dim, 0).reshape(values.shape[piece.dim], -1).any(dim=1)
+        units = piece.unit
+        has_unit = units >= 0
+        gone.scatter_reduce_(0, units[has_unit], ~alive[has_unit], reduce="amin")
+        seen[units[has_unit]] = True
+    return gone & seen
+
+
+def _plan(dependencies: ChannelDependencies, pruned_units: torch.Tensor) -> dict[str, Any]:
+    kept: dict[str, dict[str, list[int]]] = {}
+    for piece in dependencies.slices:
+        removed = torch.zeros(piece.unit.shape, dtype=torch.bool)
+        has_unit = piece.unit >= 0
+        removed[has_unit] = pruned_units[piece.unit[has_unit]]
+        if bool(removed.any()):
+            indices = torch.nonzero(~removed).reshape(-1).tolist()
+            kept.setdefault(piece.full_name, {})[str(piece.dim)] = indices
+    return {"format": PLAN_FORMAT, "kept": kept}
+
+
+def _compose(earlier: Mapping[str, Any] | None, later: Mapping[str, Any]) -> dict[str, Any]:
+    """One plan equivalent to applying ``earlier`` and then ``later`` (indices of ``later`` refer to
+    the already-compacted tensors)."""
+    if not earlier:
+        return copy.deepcopy(dict(later))
+    kept = copy.deepcopy(earlier["kept"])
+    for name, dims in later["kept"].items():
+        for dim, indices in dims.items():
+            before = kept.setdefault(name, {}).get(dim)
+            kept[name][dim] = indices if before is None else [before[i] for i in indices]
+    return {"format": PLAN_FORMAT, "kept": kept}
+
+
+def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
+    """Slice ``model``'s tensors as ``plan`` says and update shape attributes, in place; returns the model.
+
+    Validates the whole plan against the model before changing anything."""
+    if not isinstance(plan, Mapping) or plan.get("format") != PLAN_FORMAT:
+        raise ValueError(f"not a prunekit plan (expected format {PLAN_FORMAT!r})")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    work = []
+    for full_name, dims in plan["kept"].items():
+        module_name, _, tensor_name = full_name.rpartition(".")
+        module = modules.get(module_name)
+        tensor = None if module is None else getattr(module, tensor_name, None)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(
+                f"the plan slices {full_name!r}, which this model does not have; "
+                "apply it to an instance of the model class it was made from"
+            )
+        for dim, indices in dims.items():
+            dim = int(dim)
+            if dim >= tensor.ndim or (indices and max(indices) >= tensor.shape[dim]):
+                raise ValueError(
+                    f"the plan keeps indices up to {max(indices)} of {full_name!r} dimension {dim}, "
+                    f"but it has shape {tuple(tensor.shape)}; was the model built with the same configuration?"
+                )
+        work.append((module, tensor_name, dims))
+    changed = []
+    with torch.no_grad():
+        for module, tensor_name, dims in work:
+            tensor = getattr(module, tensor_name)
+            new = tensor.detach()
+            for dim, indices in dims.items():
+                index = torch.tensor(indices, dtype=torch.long, device=new.device)
+                new = (
+                    new.index_select(int(dim), index)
+                    if new.device.type != "meta"
+                    else _meta_select(new, int(dim), len(indices))
+                )
+            if tensor_name in module._parameters:
+                module._parameters[tensor_name] = nn.Parameter(new.contiguous(), requires_grad=tensor.requires_grad)
+            else:
+                module._buffers[tensor_name] = new.contiguous()
+            changed.append(module)
+    for module in dict.fromkeys(changed):
+        update_shape_attributes(module)
+    return model
+
+
+def _meta_select(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    shape = list(tensor.shape)
+    shape[dim] = size
+    return torch.empty(shape, dtype=tensor.dtype, device="meta")
+
+
+def update_shape_attributes(module: nn.Module) -> None:
+    """Make a module's size attributes agree with its (sliced) parameters."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    elif isinstance(module, nn.modules.conv._ConvTransposeNd):
+        module.in_channels = weight.shape[0]
+        module.out_channels = weight.shape[1] * module.groups
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        # Grouped convs lose whole groups, so filters per group stay as they were.
+        if module.groups > 1:
+            module.groups = weight.shape[0] // (module.out_channels // module.groups)
+        module.out_channels = weight.shape[0]
+        module.in_channels = weight.shape[1] * module.groups
+    elif isinstance(module, (nn.modules.batchnorm._NormBase)):
+        reference = weight if weight is not None else module.running_mean
+        if reference is not None:
+            module.num_features = reference.shape[0]
+    elif isinstance(module, nn.GroupNorm):
+        module.num_groups = weight.shape[0] // (module.num_channels // module.num_groups)
+        module.num_channels = weight.shape[0]
+    elif isinstance(module, nn.LayerNorm) and weight is not None:
+        module.normalized_shape = tuple(weight.shape)
+    elif isinstance(module, nn.Embedding):
+        module.embedding_dim = weight.shape[1]
+
+
+def _run(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
+    flags = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            return [t.detach().clone() for t in _tensors(call_model(model, example_inputs)) if t.is_floating_point()]
+    finally:
+        for module, training in flags.items():
+            module.training = training
+
+
+def _kept_outputs(reference: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """With ``prune_outputs`` an output loses the positions that were pruned (zeros in the masked model):
+    the reference without them."""
+    if reference.ndim != result.ndim:
+        return reference
+    differing = [d for d in range(reference.ndim) if reference.shape[d] != result.shape[d]]
+    if len(differing) != 1:
+        return reference
+    dim = differing[0]
+    alive = reference.movedim(dim, 0).reshape(reference.shape[dim], -1).ne(0).any(dim=1)
+    return reference.index_select(dim, torch.nonzero(alive).reshape(-1))
+
+
+def _check(reference: list[torch.Tensor], result: list[torch.Tensor], tolerance: float) -> None:
+    reference = [_kept_outputs(a, b) for a, b in zip(reference, result)]
+    if len(reference) != len(result) or any(a.shape != b.shape for a, b in zip(reference, result)):
+        raise CompactionError(
+            "the compacted model's outputs have other shapes than the masked model's "
+            f"({[tuple(t.shape) for t in reference]} vs {[tuple(t.shape) for t in result]}); please report this model"
+        )
+    for index, (a, b) in enumerate(zip(reference, result)):
+        if a.device.type == "meta":
+            continue
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        error = float((a - b).abs().max()) if a.numel() else 0.0
+        if error > tolerance * max(scale, 1e-12):
+            raise CompactionError(
+                f"output {index} of the compacted model differs from the masked model's by {error:.3g} "
+                f"(output scale {scale:.3g}, tolerance {tolerance:g} of it); please report this model. "
+                "Excluding the module that causes it (exclude=[...]) leaves it whole"
+            )
+
+
+# ---------------------------------------------------------------------------- saving and loading
+
+
+def save_pruned(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save a compacted model as its plan (JSON) and its weights, without pickling the module.
+
+    A path ending in ``.safetensors`` is written with safetensors (``pip install safetensors``), the
+    plan in its metadata; any other path with ``torch.save`` of plain tensors and strings, which
+    :func:`load_pruned` reads with ``weights_only=True``.
+    """
+    plan = getattr(model, "prunekit_plan", None) or {"format": PLAN_FORMAT, "kept": {}}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(_unshare(state), str(path), metadata={"prunekit_plan": json.dumps(plan)})
+    else:
+        torch.save({"prunekit_plan": json.dumps(plan), "state_dict": state}, path)
+
+
+def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuild a model saved with :func:`save_pruned`: ``model`` is a fresh instance of the original,
+    unpruned class (built with the same configuration); its tensors are sliced as the plan says, its
+    shape attributes updated, and the saved weights loaded (strictly). Returns ``model``."""
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as handle:
+            plan = json.loads(handle.metadata()["prunekit_plan"])
+        state = load_file(str(path))
+    else:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        plan, state = json.loads(saved["prunekit_plan"]), saved["state_dict"]
+    apply_plan(model, plan)
+    model.load_state_dict(state, strict=True)
+    model.prunekit_plan = plan
+    return model
+
+
+def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): give each its own copy."""
+    seen: set[int] = set()
+    result = {}
+    for key, value in state.items():
+        pointer = value.data_ptr()
+        result[key] = value.clone() if pointer in seen and value.numel() else value
+        seen.add(pointer)
+    return result

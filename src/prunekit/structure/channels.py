@@ -1,0 +1,124 @@
+"""Channel ids: every index of every traced tensor dimension gets a number, and couplings join numbers.
+
+While a model runs under the tracer, each parameter dimension that can shrink (a Linear's rows and
+columns, a conv's filters and input channels, a norm's features, ...) is given a contiguous range of
+ids, one per index. An operation that forces two indices to be removed together (a residual add, a
+layer consuming a channel, an attention head) records an *edge* between their ids. After the trace,
+the connected components of that graph are the units of structured pruning: removing one component
+removes every index in it, from every tensor it touches, and nothing else.
+
+Id 0 is the *pinned* sentinel: a component joined to it can never be removed (it reaches a model
+output, passes through an operation whose result would change, or enters an excluded module).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PINNED = 0
+
+
+@dataclass(eq=False)
+class DimRange:
+    """The ids ``start .. start + size - 1`` name the indices of dimension ``dim`` of ``owner.<tensor>``."""
+
+    start: int
+    owner: str  # the module's name in the model ("" for the root)
+    tensor: str  # parameter or buffer name on that module
+    dim: int
+    size: int
+    producer: bool  # True when these indices create channels (a layer's output dimension)
+    consumer: bool = False  # True when they read channels (a layer's input dimension)
+
+    @property
+    def tensor_name(self) -> str:
+        return f"{self.owner}.{self.tensor}" if self.owner else self.tensor
+
+
+class ChannelGraph:
+    """Id allocation, edges and pins; :meth:`components` resolves them once the trace is over."""
+
+    def __init__(self):
+        self.ranges: list[DimRange] = []
+        self._by_key: dict[tuple[str, str, int], DimRange] = {}
+        self._next = 1  # 0 is PINNED
+        self._edges: list[torch.Tensor] = []
+        self._pins: list[torch.Tensor] = []
+
+    def ids(
+        self, owner: str, tensor: str, dim: int, size: int, producer: bool = False, consumer: bool = False
+    ) -> torch.Tensor:
+        """The ids of ``owner.<tensor>``'s dimension ``dim`` (allocated on first use), as an int64 vector."""
+        key = (owner, tensor, dim)
+        found = self._by_key.get(key)
+        if found is None:
+            found = DimRange(self._next, owner, tensor, dim, size, producer)
+            self._next += size
+            self.ranges.append(found)
+            self._by_key[key] = found
+        found.producer |= producer
+        found.consumer |= consumer
+        if found.size != size:
+            raise RuntimeError(f"{found.tensor_name} dimension {dim} changed size during the trace")
+        return torch.arange(found.start, found.start + size, dtype=torch.int64)
+
+    def join(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Couple ``a[i]`` with ``b[i]`` for every i (ids ≥ 0; negative entries are ignored)."""
+        a, b = a.reshape(-1), b.reshape(-1)
+        keep = (a >= 0) & (b >= 0) & (a != b)
+        if bool(keep.any()):
+            # One int64 key per pair makes the deduplication a fast 1-D unique (ids stay below 2**31).
+            keys = torch.unique((a[keep] << 32) | b[keep])
+            self._edges.append(torch.stack([keys >> 32, keys & 0xFFFFFFFF], dim=1))
+
+    def pin(self, ids: torch.Tensor) -> None:
+        """Make the components of these ids unremovable (negative entries are ignored)."""
+        ids = ids.reshape(-1)
+        ids = ids[ids > PINNED]
+        if ids.numel():
+            self._pins.append(torch.unique(ids))
+
+    @property
+    def size(self) -> int:
+        return self._next
+
+    def components(self) -> torch.Tensor:
+        """``root[id]``: the smallest id of each id's component (so pinned components have root 0)."""
+        root = torch.arange(self._next, dtype=torch.int64)
+        edges = list(self._edges)
+        if self._pins:
+            pins = torch.cat(self._pins)
+            edges.append(torch.stack([torch.zeros_like(pins), pins], dim=1))
+        if not edges:
+            return root
+        pairs = torch.cat(edges)
+        a, b = pairs[:, 0], pairs[:, 1]
+        # Min-label propagation with pointer jumping: each round every edge pulls both ends to the smaller
+        # root, then roots follow their own roots; it ends when no edge joins two different roots.
+        while True:
+            ra, rb = root[a], root[b]
+            low = torch.minimum(ra, rb)
+            if bool((ra == rb).all()):
+                return root
+            root.scatter_reduce_(0, ra, low, reduce="amin")
+            root.scatter_reduce_(0, rb, low, reduce="amin")
+            while True:
+                jumped = root[root]
+                if bool((jumped == root).all()):
+                    break
+                root = jumped
+
+    def locate(self, ids: torch.Tensor) -> list[tuple[DimRange, torch.Tensor]]:
+        """Split ids into (range, indices within that range) pairs."""
+        starts = torch.tensor([r.start for r in self.ranges], dtype=torch.int64)
+        order = torch.argsort(starts)
+        starts = starts[order]
+        slot = torch.searchsorted(starts, ids, right=True) - 1
+        found = []
+        for position in torch.unique(slot).tolist():
+            chosen = ids[slot == position]
+            dim_range = self.ranges[int(order[position])]
+            found.append((dim_range, chosen - dim_range.start))
+        return found

@@ -1,0 +1,202 @@
+"""Dependency groups: which slices of which parameters must be removed together.
+
+:func:`trace_dependencies` runs the model once on example inputs (see :mod:`prunekit.structure.trace`)
+and returns :class:`ChannelDependencies`: the *units* of structured pruning. A unit is one coupled set
+of channels, e.g. channel 7 of a ResNet stage's residual stream: filter 7 of every conv that writes
+into that stream, the matching BatchNorm entries, and input channel 7 of every conv that reads it.
+Pruning a unit zeroes (and :func:`prunekit.compact` removes) every index in it, and nothing else, so
+the masked model computes exactly what the compacted one will.
+
+Units come in *families*: the units created by the same layer output (one family per conv's
+filters, per attention module's heads, ...). ``scope="local"`` prunes every family to the same
+fraction; ``scope="global"`` ranks all units together.
+
+By default nothing that reaches a model output is removable (a classifier keeps its classes, an
+encoder its hidden size): pass ``prune_outputs=True`` to allow it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..targets import LayerSelector, _as_list, _matches
+from .channels import DimRange
+from .trace import ChannelTracer, UnsupportedOperationError, ids_of
+
+
+@dataclass(eq=False)
+class Slice:
+    """One dimension of one parameter or buffer that units cut: ``unit[i]`` is the unit index i belongs
+    to (−1 where index i is never removed)."""
+
+    module: nn.Module
+    module_name: str
+    tensor_name: str
+    dim: int
+    unit: torch.Tensor
+    producer: bool
+    consumer: bool = False
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.module_name}.{self.tensor_name}" if self.module_name else self.tensor_name
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.module, self.tensor_name)
+
+
+class ChannelDependencies:
+    """The units of structured pruning of one model (see the module docstring)."""
+
+    def __init__(self, slices: list[Slice], num_units: int, unit_family: torch.Tensor, families: list[str]):
+        self.slices = slices
+        self.num_units = num_units
+        self.unit_family = unit_family
+        self.families = families
+
+    def family_units(self) -> list[torch.Tensor]:
+        """For each family, the indices of its units."""
+        order = torch.argsort(self.unit_family, stable=True)
+        counts = torch.bincount(self.unit_family, minlength=len(self.families)).tolist()
+        return list(torch.split(order, counts))
+
+    def members(self, unit: int) -> dict[str, dict[int, list[int]]]:
+        """``{tensor name: {dim: [indices]}}`` of one unit, for inspection."""
+        found: dict[str, dict[int, list[int]]] = {}
+        for piece in self.slices:
+            where = torch.nonzero(piece.unit == unit).reshape(-1).tolist()
+            if where:
+                found.setdefault(piece.full_name, {})[piece.dim] = where
+        return found
+
+    def __len__(self) -> int:
+        return self.num_units
+
+    def __repr__(self) -> str:
+        return (
+            f"ChannelDependencies({self.num_units} removable units in {len(self.families)} families, "
+            f"cutting {len(self.slices)} tensor dimensions)"
+        )
+
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Run ``model`` on example inputs given as a tensor, a tuple/list of positional inputs, or a dict of
+    keyword inputs (as Hugging Face models take them)."""
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def trace_dependencies(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    exclude: LayerSelector | Iterable[LayerSelector] | None = None,
+    prune_outputs: bool = False,
+) -> ChannelDependencies:
+    """Trace ``model`` on ``example_inputs`` and return its units of structured pruning.
+
+    ``exclude`` (module types or name patterns, as for :class:`prunekit.Pruner`) lists modules to leave
+    exactly as they are: their inputs and outputs keep every channel, and operations inside them need
+    no support from prunekit. The model is run in eval mode without gradients and left unchanged
+    (its train/eval flags are restored). Raises :class:`UnsupportedOperationError` naming the operation
+    and module when channels cannot be followed through some operation.
+    """
+    if example_inputs is None:
+        raise ValueError(
+            "structured pruning needs example_inputs (a tensor, tuple or dict the model accepts) to trace "
+            "which channels are coupled, e.g. example_inputs=torch.randn(1, 3, 224, 224)"
+        )
+    selectors = _as_list(exclude, "exclude")
+    excluded = [
+        module
+        for name, module in model.named_modules()
+        if name and any(_matches(selector, name, module) for selector in selectors)
+    ]
+    flags = {module: module.training for module in model.modules()}
+    tracer = ChannelTracer(model, excluded)
+    try:
+        model.eval()
+        with torch.no_grad(), tracer:
+            output = call_model(model, example_inputs)
+        if not prune_outputs:
+            for tensor in _output_tensors(output):
+                label = tracer.label(tensor)
+                if label is not None:
+                    tracer.graph.pin(ids_of(label))
+    except UnsupportedOperationError:
+        raise
+    finally:
+        tracer.close()
+        for module, training in flags.items():
+            module.training = training
+    return _units(model, tracer)
+
+
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    from .trace import _tensors
+
+    return _tensors(output)
+
+
+def _units(model: nn.Module, tracer: ChannelTracer) -> ChannelDependencies:
+    graph = tracer.graph
+    root = graph.components()
+    producer_root = torch.zeros(graph.size, dtype=torch.bool)
+    for dim_range in graph.ranges:
+        if dim_range.producer:
+            producer_root[root[dim_range.start : dim_range.start + dim_range.size]] = True
+    removable = producer_root[root] & (root != 0)
+    # Selections by constant position (x[:, :k]) stay valid only for units that fill the whole dimension.
+    for label, dim in tracer.positional:
+        positions = root[ids_of(label).clamp(min=0)].masked_fill(label < 0, -1).movedim(dim, 0)
+        size = positions.shape[0]
+        per_position = positions.reshape(size, -1)
+        where = torch.arange(size).reshape(size, 1).expand_as(per_position)
+        pairs = torch.stack([per_position, where], 2)
+        pairs = torch.unique(pairs.reshape(-1, 2)[pairs.reshape(-1, 2)[:, 0] >= 0], dim=0)
+        roots, counts = torch.unique(pairs[:, 0], return_counts=True)
+        partial = roots[counts < size]
+        removable &= ~torch.isin(root, partial)
+    removable[0] = False
+    roots, unit_of_id = torch.unique(root[removable], return_inverse=True)
+    unit = torch.full((graph.size,), -1, dtype=torch.int64)
+    unit[removable] = unit_of_id
+    num_units = int(roots.numel())
+
+    # A unit's family is the first layer output (in trace order) that produces it.
+    family = torch.full((num_units,), len(graph.ranges), dtype=torch.int64)
+    producers: list[DimRange] = [r for r in graph.ranges if r.producer]
+    for index, dim_range in enumerate(producers):
+        units = unit[dim_range.start : dim_range.start + dim_range.size]
+        units = units[units >= 0]
+        family.scatter_reduce_(0, units, torch.full_like(units, index), reduce="amin")
+    used, unit_family = torch.unique(family, return_inverse=True)
+    families = [producers[i].tensor_name for i in used.tolist()]
+
+    slices = []
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for dim_range in graph.ranges:
+        units = unit[dim_range.start : dim_range.start + dim_range.size].clone()
+        if bool((units >= 0).any()):
+            module = modules[dim_range.owner]
+            slices.append(
+                Slice(
+                    module,
+                    dim_range.owner,
+                    dim_range.tensor,
+                    dim_range.dim,
+                    units,
+                    dim_range.producer,
+                    dim_range.consumer,
+                )
+            )
+    return ChannelDependencies(slices, num_units, unit_family, families)

@@ -1,0 +1,126 @@
+"""Scoring and choosing units of structured pruning (the coupled groups of :mod:`.dependencies`).
+
+A unit's score is the norm of its members' element scores, over every targeted weight slice in it
+(the filters that write its channels and the input columns that read them): with the criterion's
+``reduce="sum"`` (L1, the default of ``"magnitude"`` and the data criteria) the sum of the element
+scores, with ``reduce="l2"`` the square root of the sum of their squares. Normalisation and bias
+parameters are masked with the unit but do not score it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+
+from .dependencies import ChannelDependencies
+
+
+def unit_scores(
+    dependencies: ChannelDependencies,
+    element_scores: Mapping[str, Callable[[], torch.Tensor]],
+    reduce: str,
+) -> torch.Tensor:
+    """One float64 score per unit; ``element_scores[tensor full name]()`` gives a weight's element scores."""
+    total = torch.zeros(dependencies.num_units, dtype=torch.float64)
+    cache: dict[str, torch.Tensor] = {}
+    for piece in dependencies.slices:
+        make = element_scores.get(piece.full_name)
+        if make is None:
+            continue
+        if piece.full_name not in cache:
+            cache[piece.full_name] = make().detach()
+        scores = cache[piece.full_name]
+        others = tuple(d for d in range(scores.ndim) if d != piece.dim)
+        if reduce == "l2":  # a norm per index, squared, so that members add up to the group's squared norm
+            per_index = torch.linalg.vector_norm(scores.float(), 2, dim=others).double().square()
+        else:
+            per_index = scores.float().sum(dim=others).double()
+        has_unit = piece.unit >= 0
+        total.index_add_(0, piece.unit[has_unit], per_index.cpu()[has_unit])
+    return total.sqrt() if reduce == "l2" else total
+
+
+def choose_units(
+    scores: torch.Tensor,
+    family: torch.Tensor,
+    family_sparsity: torch.Tensor,
+    pooled: torch.Tensor,
+    already: torch.Tensor,
+    min_kept: int,
+    round_to: int = 1,
+) -> torch.Tensor:
+    """Bool per unit: pruned.
+
+    Families with ``pooled[f]`` True are ranked together (global scope) to prune ``family_sparsity``
+    of their pooled units; each other family prunes its own fraction ``family_sparsity[f]`` (local).
+    Units in ``already`` stay pruned and count towards the targets. Every family keeps at least
+    ``min_kept`` units (and its kept count is rounded up to a multiple of ``round_to`` where the
+    family is large enough), so no layer is emptied. Ties go to the earlier unit.
+    """
+    num_families = int(family_sparsity.numel())
+    sizes = torch.bincount(family, minlength=num_families)
+    # How many units each family may lose at most.
+    cap = (sizes - min_kept).clamp(min=0)
+    scores = scores.masked_fill(already, -math.inf)
+    order = torch.argsort(scores, stable=True)
+    ranked_family = family[order]
+    # Rank of each unit within its family, in ascending score order.
+    within = torch.zeros_like(order)
+    for f in range(num_families):
+        members = ranked_family == f
+        within[members] = torch.arange(int(members.sum()))
+    eligible = within < cap[ranked_family]
+    pruned = torch.zeros_like(already)
+    for f in torch.nonzero(~pooled).reshape(-1).tolist():
+        members = (ranked_family == f) & eligible
+        count = min(round(float(family_sparsity[f]) * int(sizes[f])), int(cap[f]))
+        count = max(count, int((already & (family == f)).sum()))
+        pruned[order[torch.nonzero(members).reshape(-1)[:count]]] = True
+    if bool(pooled.any()):
+        in_pool = pooled[ranked_family]
+        pool_size = int(sizes[pooled].sum())
+        sparsity = float(family_sparsity[pooled][0])
+        count = max(round(sparsity * pool_size), int(already[pooled[family]].sum()))
+        candidates = torch.nonzero(in_pool & eligible).reshape(-1)[:count]
+        pruned[order[candidates]] = True
+    pruned |= already
+    if round_to > 1:
+        pruned = _round_kept(pruned, scores, family, sizes, round_to, already)
+    return pruned
+
+
+def _round_kept(pruned, scores, family, sizes, round_to, already) -> torch.Tensor:
+    """Give back the best pruned units of each family until its kept count is a multiple of round_to."""
+    pruned = pruned.clone()
+    for f in range(int(sizes.numel())):
+        members = family == f
+        kept = int((members & ~pruned).sum())
+        target = min(int(sizes[f]), math.ceil(kept / round_to) * round_to) if kept else 0
+        if target <= kept:
+            continue
+        back = torch.nonzero(members & pruned & ~already).reshape(-1)
+        best = back[torch.argsort(scores[back], descending=True, stable=True)][: target - kept]
+        pruned[best] = False
+    return pruned
+
+
+def unit_keep_masks(dependencies: ChannelDependencies, pruned: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{parameter full name: bool keep mask of its shape}`` for every parameter a pruned unit touches."""
+    masks: dict[str, torch.Tensor] = {}
+    for piece in dependencies.slices:
+        if piece.tensor_name not in piece.module._parameters:
+            continue
+        has_unit = piece.unit >= 0
+        removed = torch.zeros(piece.unit.shape, dtype=torch.bool)
+        removed[has_unit] = pruned[piece.unit[has_unit]]
+        if not bool(removed.any()):
+            continue
+        tensor = piece.tensor
+        shape = [1] * tensor.ndim
+        shape[piece.dim] = -1
+        keep = (~removed).reshape(shape).to(tensor.device)
+        found = masks.get(piece.full_name)
+        masks[piece.full_name] = keep.expand(tensor.shape) if found is None else found & keep
+    return {name: mask.contiguous() for name, mask in masks.items()}
