@@ -178,6 +178,10 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
             changed.append(module)
     for module in dict.fromkeys(changed):
         update_shape_attributes(module)
+    changed_ids = {id(m) for m in changed}
+    for module in model.modules():
+        if any(id(child) in changed_ids for child in module.children()):
+            update_attention_attributes(module)
     return model
 
 
@@ -212,6 +216,42 @@ def update_shape_attributes(module: nn.Module) -> None:
         module.normalized_shape = tuple(weight.shape)
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = weight.shape[1]
+    elif type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int):
+        module.nf = weight.shape[1]  # Hugging Face's GPT-2 Conv1D: weight stored (in, out)
+
+
+_HEAD_DIM = ("head_dim", "key_value_proj_dim", "attention_head_size", "d_kv", "dim_head")
+_HEAD_COUNT = ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads")
+_KV_HEAD_COUNT = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
+_HEADS_WIDTH = ("all_head_size", "inner_dim")
+_QUERY = ("q_proj", "q", "query", "q_lin", "to_q")
+_KEY = ("k_proj", "k", "key", "k_lin", "to_k")
+
+
+def update_attention_attributes(module: nn.Module) -> None:
+    """Attention modules written in the Hugging Face / timm style keep their head counts in attributes
+    (``num_heads``, ``all_head_size``, ...) next to a fixed head size: recount them from the query and
+    key projections after heads were removed."""
+    head_dim = next((getattr(module, a) for a in _HEAD_DIM if isinstance(getattr(module, a, None), int)), None)
+    query = next((getattr(module, n) for n in _QUERY if isinstance(getattr(module, n, None), nn.Linear)), None)
+    fused = getattr(module, "qkv", None)  # timm: one Linear computing q, k and v
+    if not head_dim or (query is None and not isinstance(fused, nn.Linear)):
+        return
+    width = query.out_features if query is not None else fused.out_features // 3
+    if width % head_dim:
+        return
+    heads = width // head_dim
+    for name in _HEAD_COUNT:
+        if isinstance(getattr(module, name, None), int) and not isinstance(getattr(module, name), bool):
+            setattr(module, name, heads)
+    for name in _HEADS_WIDTH:
+        if isinstance(getattr(module, name, None), int):
+            setattr(module, name, width)
+    key = next((getattr(module, n) for n in _KEY if isinstance(getattr(module, n, None), nn.Linear)), None)
+    if key is not None and key.out_features % head_dim == 0:
+        for name in _KV_HEAD_COUNT:
+            if isinstance(getattr(module, name, None), int):
+                setattr(module, name, key.out_features // head_dim)
 
 
 def _run(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:

@@ -66,6 +66,8 @@ class ChannelGraph:
 
     def join(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Couple ``a[i]`` with ``b[i]`` for every i (ids ≥ 0; negative entries are ignored)."""
+        if a.shape == b.shape and a.ndim > 1:
+            a, b = _drop_repeats(torch.stack([a, b]))
         a, b = a.reshape(-1), b.reshape(-1)
         keep = (a >= 0) & (b >= 0) & (a != b)
         if bool(keep.any()):
@@ -74,6 +76,8 @@ class ChannelGraph:
             self._edges.append(torch.stack([keys >> 32, keys & 0xFFFFFFFF], dim=1))
 
     def pin(self, ids: torch.Tensor) -> None:
+        if ids.ndim > 1:
+            ids = _drop_repeats(ids)
         """Make the components of these ids unremovable (negative entries are ignored)."""
         ids = ids.reshape(-1)
         ids = ids[ids > PINNED]
@@ -122,3 +126,14 @@ class ChannelGraph:
             dim_range = self.ranges[int(order[position])]
             found.append((dim_range, chosen - dim_range.start))
         return found
+
+
+def _drop_repeats(ids: torch.Tensor) -> torch.Tensor:
+    """Keep one slice along every dimension (after the first) whose slices are all equal: activations
+    repeat the same channel ids over batch, tokens and pixels, and deduplicating them first is cheaper."""
+    for dim in range(ids.ndim - 1, 0, -1):
+        if ids.shape[dim] > 1:
+            first = ids.narrow(dim, 0, 1)
+            if bool((ids == first).all()):
+                ids = first
+    return ids

@@ -17,6 +17,7 @@ encoder its hidden size): pass ``prune_outputs=True`` to allow it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -147,6 +148,30 @@ def _output_tensors(output: Any) -> list[torch.Tensor]:
     return _tensors(output)
 
 
+def _misfits(root: torch.Tensor, label: torch.Tensor, outer: tuple[int, ...], inner: tuple[int, ...]) -> torch.Tensor:
+    """Roots of the units that neither fill whole inner rows nor the same inner positions of every outer row."""
+    rest = [d for d in range(label.ndim) if d not in outer and d not in inner]
+    outer_size = math.prod(label.shape[d] for d in outer)
+    inner_size = math.prod(label.shape[d] for d in inner)
+    grid = label.permute(*rest, *outer, *inner).reshape(-1, outer_size, inner_size)
+    roots = root[ids_of(grid).clamp(min=0)].masked_fill(grid < 0, -1)
+    outer_index = torch.arange(outer_size).reshape(1, -1, 1).expand_as(roots)
+    inner_index = torch.arange(inner_size).reshape(1, 1, -1).expand_as(roots)
+    present = roots > 0
+    # One int64 key per (unit, outer, inner) position keeps the deduplication a fast 1-D unique.
+    keys = torch.unique((roots[present] * outer_size + outer_index[present]) * inner_size + inner_index[present])
+    if not keys.numel():
+        return keys
+    unit, inner_at = keys // inner_size, keys % inner_size
+    unit_root, outer_at = unit // outer_size, unit % outer_size
+    rows, row_counts = torch.unique(unit, return_counts=True)
+    columns, column_counts = torch.unique(unit_root * inner_size + inner_at, return_counts=True)
+    bad_rows = torch.unique(rows[row_counts != inner_size] // outer_size)
+    bad_columns = torch.unique(columns[column_counts != outer_size] // inner_size)
+    del outer_at
+    return bad_rows[torch.isin(bad_rows, bad_columns)]
+
+
 def _units(model: nn.Module, tracer: ChannelTracer) -> ChannelDependencies:
     graph = tracer.graph
     root = graph.components()
@@ -161,11 +186,15 @@ def _units(model: nn.Module, tracer: ChannelTracer) -> ChannelDependencies:
         size = positions.shape[0]
         per_position = positions.reshape(size, -1)
         where = torch.arange(size).reshape(size, 1).expand_as(per_position)
-        pairs = torch.stack([per_position, where], 2)
-        pairs = torch.unique(pairs.reshape(-1, 2)[pairs.reshape(-1, 2)[:, 0] >= 0], dim=0)
-        roots, counts = torch.unique(pairs[:, 0], return_counts=True)
+        keys = torch.unique(per_position[per_position >= 0] * size + where[per_position >= 0])
+        roots, counts = torch.unique(keys // size, return_counts=True)
         partial = roots[counts < size]
         removable &= ~torch.isin(root, partial)
+    # A reshape that splits a dimension (outer × inner) stays valid only for units that fill whole inner
+    # rows (heads: the outer count shrinks) or the same inner positions in every outer row (channel
+    # shuffle groups: the inner size shrinks).
+    for label, outer, inner in tracer.splits:
+        removable &= ~torch.isin(root, _misfits(root, label, outer, inner))
     removable[0] = False
     roots, unit_of_id = torch.unique(root[removable], return_inverse=True)
     unit = torch.full((graph.size,), -1, dtype=torch.int64)

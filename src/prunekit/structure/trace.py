@@ -73,6 +73,11 @@ _MOVE = {
     "where", "masked_fill", "pad", "setitem", "copy",
 }  # fmt: skip
 # Elementwise operations, by how a pruned (zero) operand shows in the result.
+# Results that hold no channel data: new tensors shaped like an input, or filled in place.
+_FRESH = {
+    "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "zeros_like", "ones_like", "full_like",
+    "empty_like", "rand_like", "randn_like", "randint_like", "zero", "fill", "normal", "uniform", "bernoulli",
+}  # fmt: skip
 _SUM_LIKE = {"add", "sub", "maximum", "minimum", "fmax", "fmin", "lerp", "addcmul", "addcdiv", "hypot"}
 _PRODUCT_LIKE = {"mul", "multiply"}
 _QUOTIENT_LIKE = {"div", "true_divide", "truediv", "divide", "floor_divide", "fmod", "remainder"}
@@ -149,6 +154,9 @@ class ChannelTracer(TorchFunctionMode):
         #: (input labels, dim) of every selection by position (x[:, :k], narrow, split with sizes, ...):
         #: a unit that fills only part of that dimension must stay, since the positions are constants.
         self.positional: list[tuple[torch.Tensor, int]] = []
+        #: (output labels, outer dims, inner dims) of every reshape that split one dimension in several
+        #: (heads from a projection, groups in a channel shuffle), checked once units are known.
+        self.splits: list[tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]] = []
         self._handles = []
         for module in model.modules():
             self._handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
@@ -199,7 +207,7 @@ class ChannelTracer(TorchFunctionMode):
         if not isinstance(tensor, torch.Tensor):
             return None
         found = self.labels.get(tensor)
-        if found is not None or self.owner(tensor) is None or not _is_float_tensor(tensor):
+        if found is not None or not isinstance(tensor, nn.Parameter) or self.owner(tensor) is None:
             return found
         # A parameter used outside a layer (a position embedding, a layer scale, a bias table): its channels
         # are its last dimension longer than 1.
@@ -219,7 +227,7 @@ class ChannelTracer(TorchFunctionMode):
     def set_label(self, tensor: Any, label: torch.Tensor | None) -> None:
         if not _is_float_tensor(tensor):
             return
-        if label is None or not bool((label >= 0).any()):
+        if label is None or not bool((_unbroadcast(label) >= 0).any()):
             self.labels.pop(tensor, None)
             return
         if tuple(label.shape) != tuple(tensor.shape):
@@ -262,6 +270,8 @@ class ChannelTracer(TorchFunctionMode):
     def _rule(self, name, func, args, kwargs, out) -> None:
         if name in _IDENTITY:
             self.set_label(out, self.label(args[0]))
+        elif name in _FRESH:
+            self.set_label(out, None)
         elif name in _MOVE:
             self._move(name, func, args, kwargs, out)
         elif name in _SUM_LIKE or name in _PRODUCT_LIKE or name in _QUOTIENT_LIKE or name in _UNARY:
@@ -300,6 +310,8 @@ class ChannelTracer(TorchFunctionMode):
             self._matmul(a, b, out, bias)
         elif name == "scaled_dot_product_attention":
             self._attention(*_bind(args, kwargs, ("query", "key", "value", "attn_mask")), kwargs, out)
+        elif name == "einsum":
+            self._einsum(args, out)
         elif name == "glu":
             self._glu(args, kwargs, out)
         elif name == "multi_head_attention_forward":
@@ -342,6 +354,8 @@ class ChannelTracer(TorchFunctionMode):
             # Label tensors are often broadcast views, which view() refuses; reshape gives the same layout.
             func = torch.Tensor.reshape if name == "view" else torch.Tensor.reshape_as
         label_out = func(*label_args, **label_kwargs)
+        if name in ("view", "view_as", "reshape", "reshape_as", "unflatten") and isinstance(out, torch.Tensor):
+            self._note_splits(tuple(args[0].shape), out, label_out)
         if name == "pad" and label_out.is_floating_point():  # ids are exact in float64 below 2**53
             label_out = label_out.long()
         for tensor, label in zip(_tensors(out), _tensors(label_out)):
@@ -366,6 +380,25 @@ class ChannelTracer(TorchFunctionMode):
                 dims = [dim]
         for dim in dims:
             self.positional.append((self.full_label(x), dim))
+
+    def _note_splits(self, before: tuple[int, ...], out: torch.Tensor, label: torch.Tensor) -> None:
+        after = tuple(out.shape)
+        i = j = 0
+        while i < len(before) and j < len(after):
+            start_i, start_j = i, j
+            size_in, size_out = before[i], after[j]
+            while size_in != size_out:
+                if size_in < size_out:
+                    i += 1
+                    size_in *= before[i]
+                else:
+                    j += 1
+                    size_out *= after[j]
+            dims = [d for d in range(start_j, j + 1) if after[d] > 1]
+            if i == start_i and len(dims) > 1:
+                for cut in range(1, len(dims)):
+                    self.splits.append((label, tuple(dims[:cut]), tuple(dims[cut:])))
+            i, j = i + 1, j + 1
 
     def _couple_pieces(self, x, dim, count) -> None:
         """chunk(n): the pieces must shrink alike to stay aligned, so position i of every piece is coupled."""
@@ -395,7 +428,26 @@ class ChannelTracer(TorchFunctionMode):
         tensors = [a for a in _leaves(list(args)) if _is_float_tensor(a)]
         scalars = [a for a in args[:2] if isinstance(a, (int, float)) and not isinstance(a, bool)]
         shape = tuple(out.shape)
+        labelled = [t for t in tensors if self.label(t) is not None]
+        if len(labelled) == 1:
+            # One channel-carrying operand (activation functions, scaling, adding a constant): nothing to
+            # couple, and the result keeps its labels, zero-preserving or not.
+            label = self.label(labelled[0]).expand(shape)
+            if name in _PRODUCT_LIKE:
+                keeps = True
+            elif name in _QUOTIENT_LIKE:
+                keeps = labelled[0] is args[0]
+            elif name in _SUM_LIKE:
+                keeps = len(tensors) == 1 and all(value == 0 for value in scalars)
+            else:
+                keeps = self._keeps_zero(func, args, kwargs)
+            self.set_label(out, label if keeps else torch.where(label >= 0, label & ~1, label))
+            return
         labels = [self.full_label(t).expand(shape) for t in tensors]
+        # Work on one slice of the dimensions every operand broadcasts over, and broadcast the result.
+        shared = set.intersection(*(set(_broadcast_dims(label)) for label in labels)) if labels else set()
+        labels = [_narrow(label, shared) for label in labels]
+        shape = tuple(labels[0].shape) if labels else shape
         ids = torch.stack([ids_of(label) for label in labels])
         first = ids.amax(dim=0)  # any member will do: they are joined just below
         for row in ids:
@@ -411,7 +463,7 @@ class ChannelTracer(TorchFunctionMode):
             zero_ok = zero.all(dim=0)
         else:
             zero_ok = torch.zeros(shape, dtype=torch.bool)
-        self.set_label(out, encode(first, zero_ok))
+        self.set_label(out, encode(first, zero_ok).expand(tuple(out.shape)))
 
     def _keeps_zero(self, func, args, kwargs) -> bool:
         """Whether f(0) == 0 for this call (tested once per function and scalar arguments)."""
@@ -451,13 +503,15 @@ class ChannelTracer(TorchFunctionMode):
         by the operation, so they are pinned and their positions become plain data."""
         if not dims:
             return label
+        full = [1 if d in dims else size for d, size in enumerate(label.shape)]
+        label = _unbroadcast(label)  # a broadcast dimension is constant by construction
         low = label.amin(dim=dims, keepdim=True)
         high = label.amax(dim=dims, keepdim=True)
         constant = low == high
         if not bool(constant.all()):
             mixed = label[~constant.expand(label.shape)]
             self.graph.pin(ids_of(mixed))
-        return torch.where(constant, low, torch.full_like(low, NONE))
+        return torch.where(constant, low, torch.full_like(low, NONE)).expand(full)
 
     def _reduce(self, name, args, kwargs, out) -> None:
         x = args[0]
@@ -689,6 +743,37 @@ class ChannelTracer(TorchFunctionMode):
         head_label = encode(first[:, 0], zero_ok).repeat_interleave(group)
         self.set_label(out, head_label.reshape(heads, 1, 1).expand(tuple(out.shape)))
 
+    def _einsum(self, args, out) -> None:
+        """Activations multiplied by einsum: like a batched matmul, everything within one slice of the
+        indices kept by every operand and the output (batch, heads) is coupled."""
+        equation = args[0].replace(" ", "")
+        operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+        if "..." in equation or "->" not in equation or any(self.owner(t) is not None for t in operands):
+            raise UnsupportedOperationError(
+                f"prunekit follows einsum only between activations with an explicit '->' and no '...', got "
+                f"{args[0]!r} in module {self.where!r}; exclude that module (exclude=[{self.where!r}])"
+            )
+        terms, result = equation.split("->")
+        terms = terms.split(",")
+        batch = [c for c in result if all(c in term for term in terms)]
+        sizes = {c: out.shape[result.index(c)] for c in batch}
+        slices = math.prod(sizes.values())
+        rows = []
+        for term, tensor in zip(terms, operands):
+            label = self.full_label(tensor)
+            order = [term.index(c) for c in batch] + [i for i, c in enumerate(term) if c not in batch]
+            label = label.permute(order)
+            rows.append(label.expand(*[sizes[c] for c in batch], *label.shape[len(batch) :]).reshape(slices, -1))
+        ids = ids_of(torch.cat(rows, dim=1))
+        first = ids.amax(dim=1, keepdim=True)
+        self.graph.join(first.expand_as(ids), ids)
+        zero_ok = torch.stack([zero_ok_of(row).all(dim=1) for row in rows]).any(dim=0)
+        label = encode(first[:, 0], zero_ok).reshape([sizes[c] for c in batch])
+        shape = [out.shape[i] if c in sizes else 1 for i, c in enumerate(result)]
+        order = sorted(range(len(batch)), key=lambda i: result.index(batch[i]))
+        label = label.permute(order).reshape(shape) if batch else label.reshape(shape)
+        self.set_label(out, label.expand(tuple(out.shape)))
+
     def _glu(self, args, kwargs, out) -> None:
         x = args[0]
         dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
@@ -698,6 +783,22 @@ class ChannelTracer(TorchFunctionMode):
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _broadcast_dims(label: torch.Tensor) -> list[int]:
+    """Dimensions along which a (broadcast) label tensor repeats one slice: stride 0, size > 1."""
+    return [d for d in range(label.ndim) if label.stride(d) == 0 and label.shape[d] > 1]
+
+
+def _narrow(label: torch.Tensor, dims: Iterable[int]) -> torch.Tensor:
+    for dim in dims:
+        label = label.narrow(dim, 0, 1)
+    return label
+
+
+def _unbroadcast(label: torch.Tensor) -> torch.Tensor:
+    """One slice along every broadcast dimension (shape keeps size 1 there)."""
+    return _narrow(label, _broadcast_dims(label))
 
 
 def _indexed_dims(x: torch.Tensor, index: Any) -> list[int]:

@@ -1,0 +1,168 @@
+"""Structured pruning and compaction across torchvision, timm and Hugging Face models (slow).
+
+For every model: 50% of the removable channel groups are pruned (global L2), the model is compacted,
+and the compacted model must run forward and backward, compute what the masked model computed, have
+fewer parameters and MACs, and round-trip through save_pruned/load_pruned on a fresh instance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prunekit as pk
+
+pytestmark = pytest.mark.slow
+
+# Too large for the 2-core CI machine within its time limit (parameters in millions).
+TORCHVISION_TOO_LARGE = {
+    "vit_h_14": 633,
+    "regnet_y_128gf": 645,
+    "vit_l_16": 304,
+    "vit_l_32": 306,
+    "regnet_y_32gf": 145,
+    "regnet_x_32gf": 108,
+    "convnext_large": 198,
+    "efficientnet_v2_l": 118,
+    "vit_b_16": 86,
+    "vit_b_32": 88,
+    "swin_v2_b": 88,
+    "swin_b": 88,
+    "maxvit_t": 31,
+}
+TORCHVISION_224 = ("vit", "swin", "maxvit")
+
+
+def _check_model(build, example_inputs, tmp_path, output_of=lambda out: out, tolerance=1e-4):
+    torch.manual_seed(0)
+    model = build().eval()
+    dense_macs = pk.summary(model, example_inputs=example_inputs).macs
+    pruner = pk.prune(
+        model, 0.5, criterion="l2", granularity="out_channel", scope="global", example_inputs=example_inputs
+    )
+    assert pruner.dependencies.num_units > 0
+    pruner.remove()
+    small = pk.compact(model, example_inputs)  # raises if outputs differ by more than 1e-4 of their scale
+    with torch.no_grad():
+        masked = output_of(_call(model, example_inputs))
+        compacted = output_of(_call(small, example_inputs))
+    assert compacted.shape == masked.shape
+    scale = float(masked.abs().max())
+    assert float((masked - compacted).abs().max()) <= tolerance * scale
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    if dense_macs:  # pk.summary counts Linear/Conv MACs; GPT-2's Conv1D layers are not counted yet
+        assert pk.summary(small, example_inputs=example_inputs).macs < dense_macs
+    small.train()
+    output_of(_call(small, example_inputs)).float().square().mean().backward()
+    path = tmp_path / "small.pt"
+    pk.save_pruned(small, path)
+    loaded = pk.load_pruned(build(), path).eval()
+    small.eval()
+    with torch.no_grad():
+        assert torch.equal(output_of(_call(loaded, example_inputs)), output_of(_call(small, example_inputs)))
+
+
+def _call(model, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def _torchvision_models():
+    torchvision = pytest.importorskip("torchvision")
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+try:
+    import torchvision
+
+    TORCHVISION_MODELS = sorted(torchvision.models.list_models(module=torchvision.models))
+except ImportError:  # the matrix is skipped below
+    TORCHVISION_MODELS = []
+
+
+@pytest.mark.parametrize("name", [n for n in TORCHVISION_MODELS if n not in TORCHVISION_TOO_LARGE])
+def test_torchvision_classification_model(name, tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    options = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    size = 224 if name.startswith(TORCHVISION_224) else (299 if name == "inception_v3" else 64)
+    _check_model(
+        lambda: torchvision.models.get_model(name, weights=None, **options), torch.randn(1, 3, size, size), tmp_path
+    )
+
+
+TIMM_MODELS = [
+    "resnet18",
+    "resnet50d",
+    "efficientnet_b0",
+    "mobilenetv3_small_100",
+    "convnext_atto",
+    "regnetx_002",
+    "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "ghostnet_100",
+    "densenet121",
+]
+
+
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_model(name, tmp_path):
+    timm = pytest.importorskip("timm")
+    size = timm.create_model(name, pretrained=False).default_cfg["input_size"]
+    _check_model(lambda: timm.create_model(name, pretrained=False), torch.randn(1, *size), tmp_path)
+
+
+def _hf_models():
+    transformers = pytest.importorskip("transformers")
+    ids = torch.randint(0, 100, (2, 7))
+    small = {"vocab_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    return {
+        "bert": (lambda: transformers.BertModel(transformers.BertConfig(hidden_size=32, **small)), {"input_ids": ids}),
+        "gpt2": (
+            lambda: transformers.GPT2LMHeadModel(
+                transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4)
+            ),
+            {"input_ids": ids},
+        ),
+        "llama-gqa": (
+            lambda: transformers.LlamaForCausalLM(
+                transformers.LlamaConfig(hidden_size=32, num_key_value_heads=2, **small)
+            ),
+            {"input_ids": ids},
+        ),
+        "vit": (
+            lambda: transformers.ViTModel(
+                transformers.ViTConfig(
+                    image_size=32, patch_size=8, hidden_size=32, **{k: v for k, v in small.items() if k != "vocab_size"}
+                )
+            ),
+            {"pixel_values": torch.randn(1, 3, 32, 32)},
+        ),
+        "t5": (
+            lambda: transformers.T5ForConditionalGeneration(
+                transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+            ),
+            {"input_ids": ids, "decoder_input_ids": ids},
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama-gqa", "vit", "t5"])
+def test_hugging_face_model(name, tmp_path):
+    build, inputs = _hf_models()[name]
+    _check_model(build, inputs, tmp_path, output_of=lambda out: out[0])
+
+
+def test_llama_heads_are_removed_whole_with_shared_key_value_heads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    inputs = {"input_ids": torch.randint(0, 100, (1, 6))}
+    pk.prune(model, 0.5, granularity="out_channel", example_inputs=inputs, layer_sparsity={r".*mlp.*": 0.0})
+    small = pk.compact(model, inputs)
+    attention = small.model.layers[0].self_attn
+    assert attention.q_proj.out_features == 16 and attention.k_proj.out_features == 8  # 2 of 4 heads, 1 of 2 kv
+    assert attention.o_proj.in_features == 16
