@@ -328,6 +328,17 @@ def test_local_scope_prunes_every_family_alike_and_min_kept_holds():
     assert small[0].out_features >= 2 and small[2].out_features >= 2
 
 
+def test_max_layer_sparsity_caps_each_family_under_global_ranking():
+    model = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 2))
+    x = torch.randn(3, 4)
+    # 15 of the 30 units must go and no family may lose more than half: exactly half of each.
+    pk.prune(model, 0.5, granularity="out_channel", example_inputs=x, scope="global", max_layer_sparsity=0.5)
+    small = pk.compact(model, x)
+    assert small[0].out_features == 5 and small[2].out_features == 10
+    with pytest.raises(ValueError, match="max_layer_sparsity"):
+        pk.Pruner(model, 0.5, granularity="out_channel", example_inputs=x, max_layer_sparsity=1.5)
+
+
 def test_layer_sparsity_names_the_producing_layer():
     model = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 2))
     x = torch.randn(3, 4)

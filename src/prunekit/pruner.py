@@ -65,6 +65,8 @@ class Pruner:
             a classifier keeps its classes, an encoder its hidden size).
         round_to: with coupled pruning, keep every layer's channel count a multiple of this (8 or 16
             suit fast kernels), by pruning a little less.
+        max_layer_sparsity: with coupled pruning, the largest fraction of any one family of units (the
+            channels one layer produces) that may go, whatever the global ranking says (default 1.0).
         data / loss_fn: batches and loss for the gradient criteria (see :mod:`prunekit.criteria`).
         optimizer: the training optimizer; attaching it re-applies the masks right after each of its
             steps and clears its state at pruned entries (see :meth:`attach_optimizer`).
@@ -97,6 +99,7 @@ class Pruner:
         coupled: bool = True,
         prune_outputs: bool = False,
         round_to: int = 1,
+        max_layer_sparsity: float = 1.0,
         data: Iterable | None = None,
         loss_fn: Callable | None = None,
         optimizer: torch.optim.Optimizer | None = None,
@@ -132,6 +135,9 @@ class Pruner:
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"round_to must be a whole number of channels ≥ 1, got {round_to!r}")
         self.round_to = round_to
+        self.max_layer_sparsity = (
+            1.0 if max_layer_sparsity == 1.0 else check_sparsity(max_layer_sparsity, "max_layer_sparsity")
+        )
         self.dependencies: ChannelDependencies | None = None
         if coupled and isinstance(self.granularity, OutChannel) and example_inputs is not None:
             self.dependencies = trace_dependencies(model, example_inputs, exclude=exclude, prune_outputs=prune_outputs)
@@ -402,7 +408,14 @@ class Pruner:
         for index, value in self._family_sparsity.items():
             family_sparsity[index], pooled[index] = value, False
         pruned = choose_units(
-            scores, deps.unit_family, family_sparsity, pooled, removed_units(deps), self.min_kept, self.round_to
+            scores,
+            deps.unit_family,
+            family_sparsity,
+            pooled,
+            removed_units(deps),
+            self.min_kept,
+            self.round_to,
+            self.max_layer_sparsity,
         )
         result = {}
         modules = {full: (module, param) for module, param, full in self._maskable_params}

@@ -50,19 +50,21 @@ def choose_units(
     already: torch.Tensor,
     min_kept: int,
     round_to: int = 1,
+    max_family_sparsity: float = 1.0,
 ) -> torch.Tensor:
     """Bool per unit: pruned.
 
     Families with ``pooled[f]`` True are ranked together (global scope) to prune ``family_sparsity``
     of their pooled units; each other family prunes its own fraction ``family_sparsity[f]`` (local).
     Units in ``already`` stay pruned and count towards the targets. Every family keeps at least
-    ``min_kept`` units (and its kept count is rounded up to a multiple of ``round_to`` where the
-    family is large enough), so no layer is emptied. Ties go to the earlier unit.
+    ``min_kept`` units and loses at most ``max_family_sparsity`` of them (and its kept count is
+    rounded up to a multiple of ``round_to`` where the family is large enough), so no layer is emptied
+    or pruned much harder than the rest under a global ranking. Ties go to the earlier unit.
     """
     num_families = int(family_sparsity.numel())
     sizes = torch.bincount(family, minlength=num_families)
     # How many units each family may lose at most.
-    cap = (sizes - min_kept).clamp(min=0)
+    cap = torch.minimum((sizes - min_kept).clamp(min=0), torch.floor(sizes * max_family_sparsity + 1e-9).long())
     scores = scores.masked_fill(already, -math.inf)
     order = torch.argsort(scores, stable=True)
     ranked_family = family[order]
