@@ -454,3 +454,31 @@ def test_compaction_equals_masked_model_on_random_mlps(widths, sparsity, scope, 
     _, small, masked, compacted = _prune_and_compact(model, x, sparsity=sparsity, scope=scope)
     _assert_close(masked, compacted)
     assert _params(small) <= _params(model)
+
+
+def test_multihead_attention_is_left_whole_and_the_rest_still_prunes():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(6, 16)
+            self.attention = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 3)
+
+        def forward(self, x):
+            x = self.embed(x)
+            x = x + self.attention(x, x, x, need_weights=False)[0]
+            return self.down(F.relu(self.up(x)))
+
+    model = Encoder().eval()
+    x = torch.randn(2, 5, 6)
+    deps = trace_dependencies(model, x)
+    assert deps.num_units == 32  # only the MLP's hidden neurons
+    _, small, masked, compacted = _prune_and_compact(model, x)
+    assert small.attention.embed_dim == 16 and small.up.out_features == 16
+    _assert_close(masked, compacted)
+
+
+def test_tracing_on_the_meta_device_needs_no_weight_memory():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).to("meta")
+    deps = trace_dependencies(model, torch.randn(2, 8, device="meta"))
+    assert deps.num_units == 16
