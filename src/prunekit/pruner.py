@@ -254,7 +254,7 @@ class Pruner:
             self._record_rewind_point()
         due = self._due_event()
         if due is not None:
-            self._prune_to(self.schedule.sparsity_at(due, self.sparsity_target), due)
+            self._prune_to(self.schedule.sparsity_at(due, self.sparsity_target), due, scheduled_at=due)
 
     def _due_event(self) -> int | None:
         due, step = None, self.schedule.next_event(self._last_event)
@@ -268,14 +268,13 @@ class Pruner:
         self._check_alive()
         if sparsity is None:
             due = self._due_event()
-            self._prune_to(
-                self.schedule.sparsity_at(self.step_count if due is None else due, self.sparsity_target), due
-            )
+            at = self.step_count if due is None else due
+            self._prune_to(self.schedule.sparsity_at(at, self.sparsity_target), due, scheduled_at=at)
         else:
             self._prune_to(_final_sparsity(sparsity, self.granularity), None)
 
-    def _prune_to(self, sparsity: float, event: int | None) -> None:
-        new_masks = self._compute_masks(sparsity)
+    def _prune_to(self, sparsity: float, event: int | None, scheduled_at: int | None = None) -> None:
+        new_masks = self._compute_masks(sparsity, scheduled_at)
         # Everything below mutates the model; all validation is done.
         with torch.no_grad():
             caching = bool(self._keep_cache)
@@ -303,12 +302,15 @@ class Pruner:
 
     # ------------------------------------------------------------------ mask computation
 
-    def _compute_masks(self, sparsity: float) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
-        """Bit-packed keep-masks for every parameter whose mask changes; the model is not touched."""
+    def _compute_masks(
+        self, sparsity: float, scheduled_at: int | None = None
+    ) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
+        """Bit-packed keep-masks for every parameter whose mask changes; the model is not touched.
+        With ``scheduled_at`` (a step), ``layer_sparsity`` overrides follow the schedule too."""
         self._check_finite()
         self.criterion.prepare(self.model, self.targets)
         result: dict[tuple[nn.Module, str, str], torch.Tensor] = {}
-        for layers, layer_sparsity in self._selection_groups(sparsity):
+        for layers, layer_sparsity in self._selection_groups(sparsity, scheduled_at):
             if isinstance(self.granularity, NM):
                 for target in layers:
                     self._add_mask(result, target, self._nm_keep(target, layer_sparsity))
@@ -328,12 +330,19 @@ class Pruner:
                 self._add_mask(result, target, self.granularity.expand(units, target.oik_shape))
         return result
 
-    def _selection_groups(self, sparsity: float) -> list[tuple[list[Target], float]]:
+    def _selection_groups(self, sparsity: float, scheduled_at: int | None = None) -> list[tuple[list[Target], float]]:
         """Which layers are ranked together, and at which sparsity: each on its own (local scope,
-        ``layer_sparsity`` overrides) or all the rest together (global scope). Layers at 0 are skipped."""
+        ``layer_sparsity`` overrides) or all the rest together (global scope). Layers at 0 are skipped.
+
+        An override is the layer's *final* sparsity: at a scheduled event (``scheduled_at``) the layer
+        gets what the schedule asks for at that step with the override as its final value, so an
+        iterative or gradual schedule ramps every layer (Han et al. 2015 prune each layer to its own
+        ratio over the rounds; Frankle & Carbin 2019 prune the output layer at half the rate)."""
         groups, pool = [], []
         for target in self.targets:
             own = self.layer_sparsity.get(target.name)
+            if own is not None and scheduled_at is not None:
+                own = self.schedule.sparsity_at(scheduled_at, own, min(self.schedule.initial, own))
             if own is None and self.scope == "global" and not isinstance(self.granularity, NM):
                 pool.append(target)
             else:
