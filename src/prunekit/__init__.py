@@ -14,6 +14,7 @@ Quick start::
     print(pk.summary(model))
 """
 
+from . import bench, data
 from .criteria import Criterion, Custom, Gradient, L2Magnitude, Magnitude, Movement, Random
 from .granularity import NM, Block, Granularity
 from .masks import masked_parameters
@@ -41,6 +42,8 @@ __all__ = [
     "Random",
     "Schedule",
     "Summary",
+    "bench",
+    "data",
     "epochs_to_steps",
     "masked_parameters",
     "prune",
