@@ -87,9 +87,12 @@ class SweepResult:
         ok = [a for a in self.aggregate() if a.method == method and 100 * (dense - a.accuracy) <= points_below_dense]
         return max(ok, key=lambda a: a.compression, default=None)
 
-    def to_markdown(self, point_label: Callable[[float], str] | None = None) -> str:
-        """A table: one row per method, one column per point, cells "mean ± std" accuracy in percent
-        (with the mean achieved compression when it differs from the point), and the dense baseline."""
+    def to_markdown(
+        self, point_label: Callable[[float], str] | None = None, points_are_compressions: bool = True
+    ) -> str:
+        """A table: one row per method, one column per point, cells "mean ± std" accuracy in percent,
+        and the dense baseline. When points are target compressions, a cell whose mean achieved
+        compression differs by more than 2% also shows that compression."""
         label = point_label or (lambda p: f"{p:g}×")
         aggregates = {(a.method, a.point): a for a in self.aggregate()}
         dense, dense_std = self.dense_accuracy()
@@ -109,7 +112,7 @@ class SweepResult:
                     cells.append("")
                     continue
                 cell = f"{100 * a.accuracy:.2f} ± {100 * a.accuracy_std:.2f}"
-                if abs(a.compression - point) > 0.02 * point:
+                if points_are_compressions and abs(a.compression - point) > 0.02 * point:
                     cell += f" ({a.compression:.1f}×)"
                 cells.append(cell)
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
