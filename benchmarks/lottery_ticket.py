@@ -36,7 +36,7 @@ class Protocol:
 
 
 PROTOCOLS = {
-    "full": Protocol((0, 1, 2), 15),
+    "full": Protocol((0, 1, 2), 8),
     "quick": Protocol((0,), 5),
     # The smallest form, for CI: the winning ticket and its random re-initialisation only.
     "ci": Protocol((0,), 2, variants=("rewind to init", "random reinit")),
@@ -69,16 +69,6 @@ def run(protocol: Protocol, split, progress: bool = True) -> dict[str, bench.Swe
 def _mean(result: bench.SweepResult, variant: str, point: int, key: str = "accuracy") -> float | None:
     values = [r[key] for r in result.rows if r["method"] == variant and r["point"] == point]
     return sum(values) / len(values) if values else None
-
-
-def lowest_holding(result: bench.SweepResult, variant: str, points: float = 0.5) -> float | None:
-    """The smallest fraction of weights remaining at which ``variant``'s mean accuracy is within
-    ``points`` percentage points of the dense mean, or None."""
-    dense, _ = result.dense_accuracy()
-    held = [
-        a.extra["remaining"] for a in result.aggregate() if a.method == variant and 100 * (dense - a.accuracy) <= points
-    ]
-    return min(held, default=None)
 
 
 def report(results, protocol: Protocol, mode: str, split, seconds: float, name: str = STUDY) -> str:
@@ -116,7 +106,8 @@ def report(results, protocol: Protocol, mode: str, split, seconds: float, name: 
     ]
     last = max(result.points)
     for variant in result.methods:
-        held = lowest_holding(result, variant)
+        best = result.best_within(0.5, variant)
+        held = None if best is None else 1.0 / best.compression
         rows = [r["accuracy"] for r in result.rows if r["method"] == variant and r["point"] == last]
         lines.append(
             f"| {variant} | {'none' if held is None else f'{100 * held:.1f}%'} | {mean_std(rows)} | "

@@ -46,7 +46,7 @@ class Protocol:
 
 
 PROTOCOLS = {
-    "full": Protocol((0, 1, 2), {"lenet-300-100": (30, 10), "lenet-5": (15, 2)}),
+    "full": Protocol((0, 1, 2), {"lenet-300-100": (30, 10)}),
     "quick": Protocol((0, 1), {"lenet-300-100": (15, 3)}),
     # The smallest form, for CI: the two methods whose order the test checks, at 16×.
     "ci": Protocol(

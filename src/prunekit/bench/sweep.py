@@ -98,7 +98,8 @@ def sparsity_for(compression: float) -> float:
 
 @contextmanager
 def _threads(count: int | None):
-    # Small models train fastest on one thread, and many times faster than on a busy shared CPU.
+    # The benchmark models are small: one thread runs them fastest, and many times faster than
+    # several threads do on a busy CPU.
     before = torch.get_num_threads()
     if count is not None:
         torch.set_num_threads(count)
@@ -202,7 +203,7 @@ def sweep(
     methods, compressions, seeds = list(methods), sorted(set(compressions)), list(seeds)
     if not methods or not compressions or not seeds:
         raise ValueError("sweep needs at least one method, one compression and one seed")
-    for compression in compressions:
+    for compression in [*compressions, *(c for m in methods for c in m.compressions or ())]:
         sparsity_for(compression)
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
@@ -211,9 +212,6 @@ def sweep(
     def pruned(method: Method) -> list[float]:
         return [c for c in (compressions if method.compressions is None else method.compressions) if c > 1]
 
-    for method in methods:
-        for compression in method.compressions or ():
-            sparsity_for(compression)
     per_seed = total_steps(data, pretrain) + total_steps(data, finetune) * (
         (1 in compressions) + sum(len(pruned(m)) for m in methods if m.finetune)
     )
