@@ -9,8 +9,8 @@ the largest one that stays within 0.5 points of the dense accuracy.
 Compression here is Han's: total / non-zero **weights** of all Linear and Conv layers, output layer
 included (biases, 0.1–0.2% of the parameters, are not pruned and not counted).
 
-Run:  python benchmarks/han_mnist.py            (full: ~15 minutes on 2 cores, niced)
-      python benchmarks/han_mnist.py --quick    (~2 minutes)
+Run:  python benchmarks/han_mnist.py            (full: 3 seeds, both models)
+      python benchmarks/han_mnist.py --quick    (1 seed, shorter training: a few minutes)
 """
 
 from __future__ import annotations
@@ -206,6 +206,15 @@ def report(
                 f"**{best.compression:.0f}×** ({100 * best.accuracy:.2f}%, {_delta(result, _rows(result, GLOBAL_ITERATIVE, best.point)):+.2f} points; "
                 f"compressions tried: {', '.join(f'{c:g}×' for c in protocol.compressions)})."
             )
+        falls = [
+            f"{point:g}× {_delta(result, rows):+.2f}"
+            for point in sorted(protocol.oneshot_compressions)
+            if point <= 12 and (rows := _rows(result, GLOBAL_ONESHOT, point))
+        ]
+        verdicts.append(
+            f"- {model}, global magnitude one-shot without retraining (paper: accuracy starts to fall at about 3×), "
+            f"change vs dense in points: {', '.join(falls)}."
+        )
     lines += ["", "## Targets", "", *verdicts, "", "## Accuracy against compression", ""]
     for model, result in results.items():
         lines += [f"### {model}", "", result.to_markdown(), ""]

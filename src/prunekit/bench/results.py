@@ -171,10 +171,15 @@ class SweepResult:
                 xs, ys, yerr=[100 * a.accuracy_std for a in points], marker="o", markersize=4, capsize=3, label=method
             )
         ax.set_xscale("log", base=2 if x == "compression" else 10)
-        # Ticks at the measured points, labelled plainly (8×, 21.1%) rather than as powers.
-        ax.set_xticks(sorted(ticks), [f"{t:g}{'×' if x == 'compression' else '%'}" for t in sorted(ticks)])
+        # Ticks at the measured points, labelled plainly (8×, 21.1%) rather than as powers; points
+        # closer than 5% (12× and a per-layer recipe's 12.2×) share the first one's tick.
+        shown: list[float] = []
+        for tick in sorted(ticks):
+            if not shown or tick > 1.05 * shown[-1]:
+                shown.append(tick)
+        ax.set_xticks(shown, [f"{t:g}{'×' if x == 'compression' else '%'}" for t in shown])
         ax.minorticks_off()
-        ax.tick_params(axis="x", labelsize=7 if len(ticks) > 8 else 9)
+        ax.tick_params(axis="x", labelsize=7 if len(shown) > 8 else 9)
         if x == "remaining":
             ax.invert_xaxis()
         ax.set_xlabel(xlabel)
