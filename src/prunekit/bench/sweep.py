@@ -288,8 +288,9 @@ def lottery_ticket(
       of the same round (Frankle & Carbin's control);
     - ``"fine-tune"``: their trained values (no rewinding), trained for the same budget again.
 
-    A fresh optimizer starts every round. Rows: ``point`` = round (0 = dense, shared by all
-    variants), ``compression`` = total / non-zero weights of the pruned layers, ``remaining`` = 1 / compression.
+    A fresh optimizer starts every round. Rows: ``point`` = round 1..``rounds`` (round 0, the dense
+    network every variant starts from, is in ``result.dense``), ``accuracy`` at the end of the round's
+    training, ``compression`` = total / non-zero weights of the pruned layers, ``remaining`` = 1 / compression.
     """
     variants, seeds = list(variants), list(seeds)
     unknown = set(variants) - set(LOTTERY_VARIANTS)
