@@ -14,6 +14,7 @@ Quick start::
     print(pk.summary(model))
 """
 
+from . import bench, data
 from .compact import CompactionError, apply_plan, compact, load_pruned, save_pruned
 from .criteria import Criterion, Custom, Gradient, L2Magnitude, Magnitude, Movement, Random
 from .granularity import NM, Block, Granularity
@@ -51,6 +52,8 @@ __all__ = [
     "Random",
     "Schedule",
     "Summary",
+    "bench",
+    "data",
     "epochs_to_steps",
     "masked_parameters",
     "prune",

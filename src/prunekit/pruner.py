@@ -298,7 +298,7 @@ class Pruner:
             self._record_rewind_point()
         due = self._due_event()
         if due is not None:
-            self._prune_to(self.schedule.sparsity_at(due, self.sparsity_target), due)
+            self._prune_to(self.schedule.sparsity_at(due, self.sparsity_target), due, scheduled_at=due)
 
     def _due_event(self) -> int | None:
         due, step = None, self.schedule.next_event(self._last_event)
@@ -312,14 +312,13 @@ class Pruner:
         self._check_alive()
         if sparsity is None:
             due = self._due_event()
-            self._prune_to(
-                self.schedule.sparsity_at(self.step_count if due is None else due, self.sparsity_target), due
-            )
+            at = self.step_count if due is None else due
+            self._prune_to(self.schedule.sparsity_at(at, self.sparsity_target), due, scheduled_at=at)
         else:
             self._prune_to(_final_sparsity(sparsity, self.granularity), None)
 
-    def _prune_to(self, sparsity: float, event: int | None) -> None:
-        new_masks = self._compute_masks(sparsity)
+    def _prune_to(self, sparsity: float, event: int | None, scheduled_at: int | None = None) -> None:
+        new_masks = self._compute_masks(sparsity, scheduled_at)
         # Everything below mutates the model; all validation is done.
         with torch.no_grad():
             caching = bool(self._keep_cache)
@@ -347,14 +346,17 @@ class Pruner:
 
     # ------------------------------------------------------------------ mask computation
 
-    def _compute_masks(self, sparsity: float) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
-        """Bit-packed keep-masks for every parameter whose mask changes; the model is not touched."""
+    def _compute_masks(
+        self, sparsity: float, scheduled_at: int | None = None
+    ) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
+        """Bit-packed keep-masks for every parameter whose mask changes; the model is not touched.
+        With ``scheduled_at`` (a step), ``layer_sparsity`` overrides follow the schedule too."""
         self._check_finite()
         self.criterion.prepare(self.model, self.targets)
         result: dict[tuple[nn.Module, str, str], torch.Tensor] = {}
         if self.dependencies is not None:
-            return self._coupled_masks(sparsity)
-        for layers, layer_sparsity in self._selection_groups(sparsity):
+            return self._coupled_masks(sparsity, scheduled_at)
+        for layers, layer_sparsity in self._selection_groups(sparsity, scheduled_at):
             if isinstance(self.granularity, NM):
                 for target in layers:
                     self._add_mask(result, target, self._nm_keep(target, layer_sparsity))
@@ -393,7 +395,9 @@ class Pruner:
             )
         return found
 
-    def _coupled_masks(self, sparsity: float) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
+    def _coupled_masks(
+        self, sparsity: float, scheduled_at: int | None = None
+    ) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
         """Masks for coupled structured pruning: whole dependency groups (see :mod:`prunekit.structure`)."""
         deps = self.dependencies
         by_name = {t.full_name: t for t in self.targets}
@@ -406,6 +410,8 @@ class Pruner:
         family_sparsity = torch.full((num_families,), float(sparsity), dtype=torch.float64)
         pooled = torch.full((num_families,), self.scope == "global", dtype=torch.bool)
         for index, value in self._family_sparsity.items():
+            if scheduled_at is not None:  # an override is the family's final sparsity, ramped by the schedule
+                value = self.schedule.sparsity_at(scheduled_at, value, min(self.schedule.initial, value))
             family_sparsity[index], pooled[index] = value, False
         pruned = choose_units(
             scores,
@@ -428,12 +434,19 @@ class Pruner:
             result[(module, param_name, full_name)] = packed.to(keep.device)
         return result
 
-    def _selection_groups(self, sparsity: float) -> list[tuple[list[Target], float]]:
+    def _selection_groups(self, sparsity: float, scheduled_at: int | None = None) -> list[tuple[list[Target], float]]:
         """Which layers are ranked together, and at which sparsity: each on its own (local scope,
-        ``layer_sparsity`` overrides) or all the rest together (global scope). Layers at 0 are skipped."""
+        ``layer_sparsity`` overrides) or all the rest together (global scope). Layers at 0 are skipped.
+
+        An override is the layer's *final* sparsity: at a scheduled event (``scheduled_at``) the layer
+        gets what the schedule asks for at that step with the override as its final value, so an
+        iterative or gradual schedule ramps every layer (Han et al. 2015 prune each layer to its own
+        ratio over the rounds; Frankle & Carbin 2019 prune the output layer at half the rate)."""
         groups, pool = [], []
         for target in self.targets:
             own = self.layer_sparsity.get(target.name)
+            if own is not None and scheduled_at is not None:
+                own = self.schedule.sparsity_at(scheduled_at, own, min(self.schedule.initial, own))
             if own is None and self.scope == "global" and not isinstance(self.granularity, NM):
                 pool.append(target)
             else:
