@@ -160,3 +160,20 @@ def test_llama_heads_are_removed_whole_with_shared_key_value_heads(tmp_path):
     attention = small.model.layers[0].self_attn
     assert attention.q_proj.out_features == 16 and attention.k_proj.out_features == 8  # 2 of 4 heads, 1 of 2 kv
     assert attention.o_proj.in_features == 16
+
+
+def test_torchvision_raft_optical_flow(tmp_path):
+    """RAFT (which Torch-Pruning cannot prune): a correlation volume, a recurrent update block, and a
+    list of flow predictions as outputs."""
+    torchvision = pytest.importorskip("torchvision")
+    images = (torch.randn(1, 3, 128, 128), torch.randn(1, 3, 128, 128))
+    torch.manual_seed(0)
+    model = torchvision.models.optical_flow.raft_small(weights=None).eval()
+    pruner = pk.prune(model, 0.5, criterion="l2", granularity="out_channel", example_inputs=images)
+    assert pruner.dependencies.num_units > 0
+    pruner.remove()
+    small = pk.compact(model, images)  # checks every flow prediction against the masked model
+    assert sum(p.numel() for p in small.parameters()) < 0.8 * sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        flows = small(*images)
+    assert len(flows) == 12 and flows[-1].shape == (1, 2, 128, 128)
