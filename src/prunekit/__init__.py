@@ -14,6 +14,7 @@ Quick start::
     print(pk.summary(model))
 """
 
+from . import fhe
 from .criteria import Criterion, Custom, Gradient, L2Magnitude, Magnitude, Movement, Random
 from .granularity import NM, Block, Granularity
 from .masks import masked_parameters
@@ -42,6 +43,7 @@ __all__ = [
     "Schedule",
     "Summary",
     "epochs_to_steps",
+    "fhe",
     "masked_parameters",
     "prune",
     "summary",

@@ -16,6 +16,8 @@ from torch import nn
 
 from . import masks as mask_store
 from .criteria import Criterion, Custom, L2Magnitude, Magnitude, get_criterion
+from .fhe.budget import AccumulatorBudget
+from .fhe.fan_in import FanInConstraint
 from .granularity import NM, Granularity, Weight, get_granularity
 from .schedules import OneShot, Schedule
 from .selection import find_cut
@@ -51,6 +53,10 @@ class Pruner:
             one pass over the weights per step is cheaper, and on CPUs Adam runs slower on moments
             that are exactly zero).
         seed: seed of the ``"random"`` criterion.
+        max_fan_in: FHE accumulator budget (issue #5): at most this many non-zero weights in every
+            output neuron, a whole number such as ``pk.fhe.max_fan_in(2, 2, 16)`` or a
+            ``pk.fhe.AccumulatorBudget``; combines with ``sparsity`` (the stricter wins per neuron),
+            which may then be left out, and tightens with the schedule (see :mod:`prunekit.fhe.fan_in`).
 
     How masks are enforced: with an attached optimizer, the masks are re-applied right after each
     ``optimizer.step()`` and its state (momentum, Adam moments) is zeroed at pruned entries whenever
@@ -77,9 +83,13 @@ class Pruner:
         optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
         mask_gradients: bool = False,
+        max_fan_in: int | AccumulatorBudget | None = None,
     ):
         self.granularity = get_granularity(granularity)
-        self.sparsity_target = _final_sparsity(sparsity, self.granularity)
+        # FHE (issue #5): the per-neuron fan-in cap, applied after selection in _compute_masks.
+        self.fan_in = None if max_fan_in is None else FanInConstraint(max_fan_in)
+        fan_in_only = sparsity is None and self.fan_in is not None and not isinstance(self.granularity, NM)
+        self.sparsity_target = 0.0 if fan_in_only else _final_sparsity(sparsity, self.granularity)
         self.criterion = get_criterion(criterion, data=data, loss_fn=loss_fn, seed=seed)
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; valid scopes are {', '.join(map(repr, SCOPES))}")
@@ -100,6 +110,8 @@ class Pruner:
         self.layer_sparsity = resolve_layer_sparsity(self.targets, layer_sparsity)
         for target in self.targets:
             self.granularity.validate(target)
+        if self.fan_in is not None:
+            self.fan_in.validate(self.targets, self.granularity)
         if isinstance(self.granularity, NM) and any(v != 0.0 for v in self.layer_sparsity.values()):
             raise ValueError("with pk.NM a layer_sparsity override can only be 0.0 (leave that layer dense)")
         self.example_inputs = example_inputs
@@ -254,7 +266,7 @@ class Pruner:
             self._record_rewind_point()
         due = self._due_event()
         if due is not None:
-            self._prune_to(self.schedule.sparsity_at(due, self.sparsity_target), due)
+            self._prune_to(self.schedule.sparsity_at(due, self.sparsity_target), due, at_step=due)
 
     def _due_event(self) -> int | None:
         due, step = None, self.schedule.next_event(self._last_event)
@@ -268,14 +280,13 @@ class Pruner:
         self._check_alive()
         if sparsity is None:
             due = self._due_event()
-            self._prune_to(
-                self.schedule.sparsity_at(self.step_count if due is None else due, self.sparsity_target), due
-            )
+            at_step = self.step_count if due is None else due
+            self._prune_to(self.schedule.sparsity_at(at_step, self.sparsity_target), due, at_step=at_step)
         else:
             self._prune_to(_final_sparsity(sparsity, self.granularity), None)
 
-    def _prune_to(self, sparsity: float, event: int | None) -> None:
-        new_masks = self._compute_masks(sparsity)
+    def _prune_to(self, sparsity: float, event: int | None, at_step: int | None = None) -> None:
+        new_masks = self._compute_masks(sparsity, at_step)
         # Everything below mutates the model; all validation is done.
         with torch.no_grad():
             caching = bool(self._keep_cache)
@@ -303,8 +314,11 @@ class Pruner:
 
     # ------------------------------------------------------------------ mask computation
 
-    def _compute_masks(self, sparsity: float) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
-        """Bit-packed keep-masks for every parameter whose mask changes; the model is not touched."""
+    def _compute_masks(
+        self, sparsity: float, at_step: int | None = None
+    ) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
+        """Bit-packed keep-masks for every parameter whose mask changes; the model is not touched.
+        ``at_step`` is the schedule step the fan-in cap is taken at (None: its final value)."""
         self._check_finite()
         self.criterion.prepare(self.model, self.targets)
         result: dict[tuple[nn.Module, str, str], torch.Tensor] = {}
@@ -326,6 +340,8 @@ class Pruner:
                     scratch = torch.empty(max(sizes))
                 units = cut.keep(i, score_fns[i](scratch))
                 self._add_mask(result, target, self.granularity.expand(units, target.oik_shape))
+        if self.fan_in is not None:
+            self.fan_in.apply(self, result, at_step)
         return result
 
     def _selection_groups(self, sparsity: float) -> list[tuple[list[Target], float]]:
@@ -440,6 +456,7 @@ class Pruner:
                 "granularity": self.granularity.name,
                 "scope": self.scope,
                 "schedule": repr(self.schedule),
+                "max_fan_in": repr(self.fan_in),
             },
         }
 
