@@ -9,7 +9,8 @@ the best ones by the pruner's criterion. The allowed number is
   quantized weights at that event.
 
 It is an intersection with the sparsity target's mask, so whichever is stricter wins in each
-neuron. Under a schedule the cap tightens with it: a neuron of fan-in F whose final allowance is k
+neuron. It applies to every pruned layer, including those ``layer_sparsity`` leaves dense (0.0):
+``exclude`` a layer to leave it uncapped. Under a schedule the cap tightens with it: a neuron of fan-in F whose final allowance is k
 may keep round(F·(1 − s_t)) weights at step t, where s_t is the schedule's sparsity at t for a
 final sparsity of 1 − k/F, and exactly k from the schedule's last event on. Masks are therefore
 chosen from the weights as they train, not fixed at initialization (Concrete ML's built-in
