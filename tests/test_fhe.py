@@ -301,6 +301,18 @@ def test_report_warns_when_asymmetric_weights_turn_pruned_zeros_into_integers():
     assert report.layers[0].worst_case == [31 * 15, 36 * 15]
 
 
+def test_report_warns_when_concrete_ml_would_quantize_a_pruned_layer_asymmetrically():
+    # 100 weights, 4 survivors all negative: the 97th percentile is 0, so Concrete ML's post-training
+    # quantization would pick an asymmetric range and every pruned zero would become its zero point.
+    weight = torch.zeros(4, 25)
+    weight[:, 0] = -1.0
+    with pytest.warns(UserWarning, match="lopsided for Concrete ML's post-training quantization"):
+        report = accumulator_report(linear_with(weight.tolist()), 6, 6)
+    assert "4 negative, 0 positive of 100" in report.warnings[0]
+    balanced = torch.randn(4, 25)  # dense and symmetric: no warning
+    assert not accumulator_report(linear_with(balanced.tolist()), 6, 6).warnings
+
+
 def test_report_does_not_change_the_model_or_its_mode():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Dropout(0.5), nn.ReLU(), nn.Linear(5, 2)).train()

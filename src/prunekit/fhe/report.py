@@ -170,6 +170,9 @@ def accumulator_report(
                 f"to the integer {quantized.zero_point}, so pruned weights still add to the accumulator; "
                 "quantize weights symmetrically"
             )
+        lopsided = _lopsided_for_concrete_ml(weight)
+        if lopsided and symmetric and bool((weight == 0).any()):
+            notes.append(f"layer {target.name!r}: {lopsided}")
         layers.append(
             LayerAccumulators(
                 name=target.name,
@@ -192,6 +195,30 @@ def accumulator_report(
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return AccumulatorReport(weight_bits, input_bits, accumulator_bits, omega, layers, notes)
+
+
+def _lopsided_for_concrete_ml(weight: torch.Tensor) -> str | None:
+    """Why Concrete ML's post-training quantization would quantize these weights asymmetrically, or None.
+
+    Concrete ML 1.x (``compile_torch_model``) quantizes a weight tensor symmetrically only when its
+    3rd percentile is below 0, its 97th above 0, and neither is more than 3 times the other in
+    magnitude; otherwise it picks an asymmetric range whose zero point turns every pruned weight into
+    a non-zero integer. A heavily pruned layer, mostly zeros with survivors leaning to one sign,
+    fails that test.
+    """
+    flat = weight.detach().reshape(-1).double()
+    if flat.numel() < 2:
+        return None
+    low, high = (float(v) for v in torch.quantile(flat, torch.tensor([0.03, 0.97], dtype=torch.float64)))
+    if low < 0 < high and 1 / 3 <= abs(low / high) <= 3:
+        return None
+    negative, positive = int((flat < 0).sum()), int((flat > 0).sum())
+    return (
+        f"its weights are lopsided for Concrete ML's post-training quantization ({negative} negative, {positive} "
+        f"positive of {flat.numel()}; 3rd/97th percentiles {low:.3g}/{high:.3g}), which will then quantize them "
+        "asymmetrically, making every pruned weight a non-zero integer; prune less, or use Brevitas "
+        "quantization-aware layers and compile_brevitas_qat_model"
+    )
 
 
 @torch.no_grad()
