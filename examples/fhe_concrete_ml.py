@@ -11,11 +11,14 @@ This example, at n = 6 bits (Ω = 16 of a fan-in of 64 and 256):
    ``NoParametersFound``: it chooses *asymmetric* quantization for the weights of a layer whose
    surviving weights are mostly zeros and lean to one sign, so every pruned weight becomes the
    non-zero integer zero_point and the sparse neuron is a dense one again in the encrypted circuit;
-3. does what a user must do: the same pruning on a Brevitas quantization-aware model, whose weight
-   quantizers are symmetric (a pruned weight stays the integer 0), compiled with
-   ``compile_brevitas_qat_model``.
+3. does what a user can do instead, two ways:
+   a. prune to the exact budget (``pk.fhe.AccumulatorBudget``) rather than Ω: small weights cost
+      little, so neurons keep several times Ω weights, the layer stays balanced, Concrete ML keeps
+      its weights symmetric, and ``compile_torch_model`` accepts it;
+   b. prune to Ω a Brevitas quantization-aware model, whose weight quantizers are symmetric (a
+      pruned weight stays the integer 0), compiled with ``compile_brevitas_qat_model``.
 
-Run it where concrete-ml is installed (it brings its own torch; about 3 minutes on 2 cores)::
+Run it where concrete-ml is installed (it brings its own torch; a few minutes on 2 cores)::
 
     pip install concrete-ml && pip install --no-deps -e .   # from the prunekit checkout
     python examples/fhe_concrete_ml.py
@@ -114,7 +117,16 @@ def main():
             print(f"   {note}")
     try_compile(lambda: compile_torch_model(model, x_train, n_bits=BITS), x_test, y_test)
 
-    print("\n3. what to do: Brevitas QAT layers (symmetric weights), pruned the same way")
+    print("\n3a. what to do: prune to the exact accumulator budget instead of Ω")
+    budget = pk.fhe.AccumulatorBudget(weight_bits=BITS, input_bits=BITS, accumulator_bits=16)
+    torch.manual_seed(0)
+    exact = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    train_pruned(exact, x_train, y_train, budget, args.epochs)
+    report = pk.fhe.accumulator_report(exact, BITS, BITS, calibration=torch.tensor(x_train))
+    print(report)
+    try_compile(lambda: compile_torch_model(exact, x_train, n_bits=BITS), x_test, y_test)
+
+    print("\n3b. or: Brevitas QAT layers (symmetric weights), pruned to Ω the same way")
     torch.manual_seed(0)
     qat_model = nn.Sequential(
         qnn.QuantIdentity(bit_width=BITS, return_quant_tensor=True),
