@@ -49,12 +49,14 @@ def data():
 
 
 def train_pruned(model, x_train, y_train, max_fan_in, epochs):
-    """Adam, batch 64; the cap tightens over the first half of training, the rest fine-tunes."""
+    """Adam, batch 64; the cap tightens gradually (Ω: over the first half of training, then fine-tuning)."""
     x, y = torch.tensor(x_train), torch.tensor(y_train)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     total = epochs * ((len(x) + 63) // 64)
+    # An exact budget holds for the weights as pruned, so it prunes until the last step.
+    end = total if isinstance(max_fan_in, pk.fhe.AccumulatorBudget) else total // 2
     pruner = pk.Pruner(
-        model, max_fan_in=max_fan_in, schedule=pk.Gradual(start=0, end=total // 2, every=20), optimizer=optimizer
+        model, max_fan_in=max_fan_in, schedule=pk.Gradual(start=0, end=end, every=20), optimizer=optimizer
     )
     generator = torch.Generator().manual_seed(0)
     for _ in range(epochs):
