@@ -222,7 +222,7 @@ def write_outputs(rows, args):
         "prunekit worst-case bits | prunekit observed bits | Concrete ML weight zero points | "
         "clear acc | quantized acc | compile s |\n"
         + "|---:" * 2
-        + "|---" * 3
+        + "|---" * 2
         + "|---:"
         + "|---"
         + "|---:" * 3
