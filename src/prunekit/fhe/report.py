@@ -216,8 +216,8 @@ def _lopsided_for_concrete_ml(weight: torch.Tensor) -> str | None:
     return (
         f"its weights are lopsided for Concrete ML's post-training quantization ({negative} negative, {positive} "
         f"positive of {flat.numel()}; 3rd/97th percentiles {low:.3g}/{high:.3g}), which will then quantize them "
-        "asymmetrically, making every pruned weight a non-zero integer; prune less, or use Brevitas "
-        "quantization-aware layers and compile_brevitas_qat_model"
+        "asymmetrically, making every pruned weight a non-zero integer; prune to a pk.fhe.AccumulatorBudget "
+        "(it keeps more, smaller weights), or use Brevitas quantization-aware layers and compile_brevitas_qat_model"
     )
 
 
