@@ -14,7 +14,7 @@ Quick start::
     print(pk.summary(model))
 """
 
-from . import bench, data
+from . import bench, data, fhe
 from .compact import CompactionError, apply_plan, compact, load_pruned, save_pruned
 from .criteria import Criterion, Custom, Gradient, L2Magnitude, Magnitude, Movement, Random
 from .granularity import NM, Block, Granularity
@@ -55,6 +55,7 @@ __all__ = [
     "bench",
     "data",
     "epochs_to_steps",
+    "fhe",
     "masked_parameters",
     "prune",
     "summary",

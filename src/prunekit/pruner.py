@@ -17,6 +17,8 @@ from torch import nn
 from . import masks as mask_store
 from .compact import removed_units
 from .criteria import Criterion, Custom, L2Magnitude, Magnitude, get_criterion
+from .fhe.budget import AccumulatorBudget
+from .fhe.fan_in import FanInConstraint
 from .granularity import NM, Granularity, OutChannel, Weight, get_granularity
 from .schedules import OneShot, Schedule
 from .selection import find_cut
@@ -75,6 +77,10 @@ class Pruner:
             one pass over the weights per step is cheaper, and on CPUs Adam runs slower on moments
             that are exactly zero).
         seed: seed of the ``"random"`` criterion.
+        max_fan_in: FHE accumulator budget (issue #5): at most this many non-zero weights in every
+            output neuron, a whole number such as ``pk.fhe.max_fan_in(2, 2, 16)`` or a
+            ``pk.fhe.AccumulatorBudget``; combines with ``sparsity`` (the stricter wins per neuron),
+            which may then be left out, and tightens with the schedule (see :mod:`prunekit.fhe.fan_in`).
 
     How masks are enforced: with an attached optimizer, the masks are re-applied right after each
     ``optimizer.step()`` and its state (momentum, Adam moments) is zeroed at pruned entries whenever
@@ -105,9 +111,13 @@ class Pruner:
         optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
         mask_gradients: bool = False,
+        max_fan_in: int | AccumulatorBudget | None = None,
     ):
         self.granularity = get_granularity(granularity)
-        self.sparsity_target = _final_sparsity(sparsity, self.granularity)
+        # FHE (issue #5): the per-neuron fan-in cap, applied after selection in _compute_masks.
+        self.fan_in = None if max_fan_in is None else FanInConstraint(max_fan_in)
+        fan_in_only = sparsity is None and self.fan_in is not None and not isinstance(self.granularity, NM)
+        self.sparsity_target = 0.0 if fan_in_only else _final_sparsity(sparsity, self.granularity)
         self.criterion = get_criterion(criterion, data=data, loss_fn=loss_fn, seed=seed)
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; valid scopes are {', '.join(map(repr, SCOPES))}")
@@ -128,6 +138,8 @@ class Pruner:
         self.layer_sparsity = resolve_layer_sparsity(self.targets, layer_sparsity)
         for target in self.targets:
             self.granularity.validate(target)
+        if self.fan_in is not None:
+            self.fan_in.validate(self.targets, self.granularity)
         if isinstance(self.granularity, NM) and any(v != 0.0 for v in self.layer_sparsity.values()):
             raise ValueError("with pk.NM a layer_sparsity override can only be 0.0 (leave that layer dense)")
         self.example_inputs = example_inputs
@@ -350,7 +362,8 @@ class Pruner:
         self, sparsity: float, scheduled_at: int | None = None
     ) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
         """Bit-packed keep-masks for every parameter whose mask changes; the model is not touched.
-        With ``scheduled_at`` (a step), ``layer_sparsity`` overrides follow the schedule too."""
+        With ``scheduled_at`` (a step), ``layer_sparsity`` overrides and the fan-in cap follow the schedule
+        too (None: their final values)."""
         self._check_finite()
         self.criterion.prepare(self.model, self.targets)
         result: dict[tuple[nn.Module, str, str], torch.Tensor] = {}
@@ -374,6 +387,8 @@ class Pruner:
                     scratch = torch.empty(max(sizes))
                 units = cut.keep(i, score_fns[i](scratch))
                 self._add_mask(result, target, self.granularity.expand(units, target.oik_shape))
+        if self.fan_in is not None:
+            self.fan_in.apply(self, result, scheduled_at)
         return result
 
     def _resolve_family_sparsity(self, overrides: Mapping[str, float]) -> dict[int, float]:
@@ -553,6 +568,7 @@ class Pruner:
                 "granularity": self.granularity.name,
                 "scope": self.scope,
                 "schedule": repr(self.schedule),
+                "max_fan_in": repr(self.fan_in),
             },
         }
 
