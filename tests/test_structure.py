@@ -482,3 +482,15 @@ def test_tracing_on_the_meta_device_needs_no_weight_memory():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).to("meta")
     deps = trace_dependencies(model, torch.randn(2, 8, device="meta"))
     assert deps.num_units == 16
+
+
+def test_a_trace_is_reused_only_while_nothing_it_depends_on_changes():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    first = trace_dependencies(model, x)
+    assert trace_dependencies(model, x) is first
+    assert trace_dependencies(model, torch.randn(3, 5, 4)) is not first  # other input shape
+    assert trace_dependencies(model, x, reuse=False) is not first
+    model[0] = nn.Linear(4, 6)
+    model[2] = nn.Linear(6, 2)
+    assert trace_dependencies(model, x).num_units == 6

@@ -140,13 +140,15 @@ def _plan(dependencies: ChannelDependencies, pruned_units: torch.Tensor) -> dict
 def _compose(earlier: Mapping[str, Any] | None, later: Mapping[str, Any]) -> dict[str, Any]:
     """One plan equivalent to applying ``earlier`` and then ``later`` (indices of ``later`` refer to
     the already-compacted tensors)."""
+    kept = {name: {dim: list(indices) for dim, indices in dims.items()} for name, dims in later["kept"].items()}
     if not earlier:
-        return copy.deepcopy(dict(later))
-    kept = copy.deepcopy(earlier["kept"])
-    for name, dims in later["kept"].items():
+        return {"format": PLAN_FORMAT, "kept": kept}
+    combined = {name: {dim: list(indices) for dim, indices in dims.items()} for name, dims in earlier["kept"].items()}
+    for name, dims in kept.items():
         for dim, indices in dims.items():
-            before = kept.setdefault(name, {}).get(dim)
-            kept[name][dim] = indices if before is None else [before[i] for i in indices]
+            before = combined.setdefault(name, {}).get(dim)
+            combined[name][dim] = indices if before is None else [before[i] for i in indices]
+    kept = combined
     return {"format": PLAN_FORMAT, "kept": kept}
 
 

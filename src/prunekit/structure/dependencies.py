@@ -18,12 +18,14 @@ encoder its hidden size): pass ``prune_outputs=True`` to allow it.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ..targets import LayerSelector, _as_list, _matches
 from .channels import DimRange
@@ -102,12 +104,15 @@ def trace_dependencies(
     *,
     exclude: LayerSelector | Iterable[LayerSelector] | None = None,
     prune_outputs: bool = False,
+    reuse: bool = True,
 ) -> ChannelDependencies:
     """Trace ``model`` on ``example_inputs`` and return its units of structured pruning.
 
     ``exclude`` (module types or name patterns, as for :class:`prunekit.Pruner`) lists modules to leave
     exactly as they are: their inputs and outputs keep every channel, and operations inside them need
-    no support from prunekit. The model is run in eval mode without gradients and left unchanged
+    no support from prunekit. With ``reuse`` (default) the last trace of the same model is returned
+    when no module, parameter, buffer, input shape or option has changed since (so pruning and then
+    compacting traces once). The model is run in eval mode without gradients and left unchanged
     (its train/eval flags are restored). Raises :class:`UnsupportedOperationError` naming the operation
     and module when channels cannot be followed through some operation.
     """
@@ -122,6 +127,10 @@ def trace_dependencies(
         for name, module in model.named_modules()
         if name and any(_matches(selector, name, module) for selector in selectors)
     ]
+    key = _signature(model, example_inputs, excluded, prune_outputs)
+    cached = _CACHE.get(model) if reuse else None
+    if cached is not None and cached[0] == key:
+        return cached[1]
     flags = {module: module.training for module in model.modules()}
     tracer = ChannelTracer(model, excluded)
     try:
@@ -139,7 +148,34 @@ def trace_dependencies(
         tracer.close()
         for module, training in flags.items():
             module.training = training
-    return _units(model, tracer)
+    dependencies = _units(model, tracer)
+    # A cached value must not hold the model itself, or the weak key would never be released.
+    if all(piece.module is not model for piece in dependencies.slices):
+        _CACHE[model] = (key, dependencies)
+    return dependencies
+
+
+# The last trace of each model, reused while nothing it depends on has changed (pruning and then
+# compacting the same model traces it once).
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(model: nn.Module, example_inputs: Any, excluded: list[nn.Module], prune_outputs: bool) -> tuple:
+    """What a trace depends on: every module and tensor (identity and shape), the inputs' shapes and
+    dtypes, the excluded modules and the outputs option."""
+    tensors = tuple(
+        (name, id(tensor), tuple(tensor.shape))
+        for name, tensor in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]
+    )
+    modules = tuple((name, id(module)) for name, module in model.named_modules(remove_duplicate=False))
+    inputs = tuple(
+        (tuple(leaf.shape), leaf.dtype, str(leaf.device)) if isinstance(leaf, torch.Tensor) else repr(leaf)
+        for leaf in pytree.tree_leaves(example_inputs)
+    )
+    return tensors, modules, inputs, tuple(id(m) for m in excluded), bool(prune_outputs)
 
 
 def _output_tensors(output: Any) -> list[torch.Tensor]:
