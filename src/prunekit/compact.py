@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 from . import masks as mask_store
 from .structure.dependencies import ChannelDependencies, call_model, trace_dependencies
-from .structure.trace import _tensors
+from .structure.trace import tensor_leaves
 from .targets import LayerSelector
 
 PLAN_FORMAT = "prunekit-plan/1"
@@ -277,7 +277,9 @@ def _run(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
     try:
         model.eval()
         with torch.no_grad():
-            return [t.detach().clone() for t in _tensors(call_model(model, example_inputs)) if t.is_floating_point()]
+            return [
+                t.detach().clone() for t in tensor_leaves(call_model(model, example_inputs)) if t.is_floating_point()
+            ]
     finally:
         for module, training in flags.items():
             module.training = training

@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from ..targets import LayerSelector, _as_list, _matches
 from .channels import DimRange
-from .trace import ChannelTracer, UnsupportedOperationError, ids_of
+from .trace import ChannelTracer, UnsupportedOperationError, ids_of, tensor_leaves
 
 
 @dataclass(eq=False)
@@ -138,7 +138,7 @@ def trace_dependencies(
         with torch.no_grad(), tracer:
             output = call_model(model, example_inputs)
         if not prune_outputs:
-            for tensor in _output_tensors(output):
+            for tensor in tensor_leaves(output):
                 label = tracer.label(tensor)
                 if label is not None:
                     tracer.graph.pin(ids_of(label))
@@ -176,12 +176,6 @@ def _signature(model: nn.Module, example_inputs: Any, excluded: list[nn.Module],
         for leaf in pytree.tree_leaves(example_inputs)
     )
     return tensors, modules, inputs, tuple(id(m) for m in excluded), bool(prune_outputs)
-
-
-def _output_tensors(output: Any) -> list[torch.Tensor]:
-    from .trace import _tensors
-
-    return _tensors(output)
 
 
 def _misfits(root: torch.Tensor, label: torch.Tensor, outer: tuple[int, ...], inner: tuple[int, ...]) -> torch.Tensor:

@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
@@ -173,7 +172,7 @@ class ChannelTracer(TorchFunctionMode):
         self.stack.append(self.module_names.get(id(module), "?"))
         if id(module) in self.excluded:
             if self.opaque_depth == 0:
-                for tensor in _tensors((args, kwargs)):
+                for tensor in tensor_leaves((args, kwargs)):
                     label = self.label(tensor)
                     if label is not None:
                         self.graph.pin(ids_of(label))
@@ -184,7 +183,7 @@ class ChannelTracer(TorchFunctionMode):
         if id(module) in self.excluded:
             self.opaque_depth -= 1
             if self.opaque_depth == 0:
-                for tensor in _tensors(output):
+                for tensor in tensor_leaves(output):
                     if _is_float_tensor(tensor):
                         self.labels[tensor] = torch.full(tuple(tensor.shape), PINNED_LABEL, dtype=torch.int64)
 
@@ -245,7 +244,7 @@ class ChannelTracer(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.opaque_depth:
             return out
-        inputs = [t for t in _tensors((args, kwargs)) if self.label(t) is not None]
+        inputs = [t for t in tensor_leaves((args, kwargs)) if self.label(t) is not None]
         if not inputs:
             if name in ("setitem", "copy"):
                 self.set_label(args[0], None)
@@ -253,7 +252,7 @@ class ChannelTracer(TorchFunctionMode):
         if name in ("setitem", "copy"):
             self._write(name, args, kwargs, before)
             return out
-        if not any(_is_float_tensor(t) for t in _tensors(out)):
+        if not any(_is_float_tensor(t) for t in tensor_leaves(out)):
             return out
         try:
             self._rule(name, func, args, kwargs, out)
@@ -317,8 +316,8 @@ class ChannelTracer(TorchFunctionMode):
         elif name == "multi_head_attention_forward":
             # nn.MultiheadAttention packs q, k, v into one weight and insists on embed_dim = heads × head_dim,
             # so its heads cannot shrink while it stays an nn.MultiheadAttention: it is left whole.
-            self._opaque_weight(*_tensors((args, kwargs)))
-            for tensor in _tensors(out):
+            self._opaque_weight(*tensor_leaves((args, kwargs)))
+            for tensor in tensor_leaves(out):
                 if _is_float_tensor(tensor):
                     self.set_label(tensor, torch.full(tuple(tensor.shape), PINNED_LABEL, dtype=torch.int64))
         else:
@@ -358,7 +357,7 @@ class ChannelTracer(TorchFunctionMode):
             self._note_splits(tuple(args[0].shape), out, label_out)
         if name == "pad" and label_out.is_floating_point():  # ids are exact in float64 below 2**53
             label_out = label_out.long()
-        for tensor, label in zip(_tensors(out), _tensors(label_out)):
+        for tensor, label in zip(tensor_leaves(out), tensor_leaves(label_out)):
             self.set_label(tensor, label)
 
     def _note_positional(self, name, args, kwargs) -> None:
@@ -519,7 +518,7 @@ class ChannelTracer(TorchFunctionMode):
         kept = self._constant_along(self.full_label(x), dims)
         if name not in _ZERO_KEEPING_REDUCE:
             kept = encode(ids_of(kept), False)
-        for tensor in _tensors(out):
+        for tensor in tensor_leaves(out):
             if not _is_float_tensor(tensor):
                 continue
             label = kept
@@ -545,7 +544,7 @@ class ChannelTracer(TorchFunctionMode):
         kept = self._constant_along(self.full_label(x), dims)
         if name == "grid_sample":  # samples outside the grid read zeros only with padding_mode="zeros"
             kept = encode(ids_of(kept), kwargs.get("padding_mode", "zeros") == "zeros" and zero_ok_of(kept))
-        for tensor in _tensors(out):
+        for tensor in tensor_leaves(out):
             if _is_float_tensor(tensor):
                 self.set_label(tensor, kept.expand(tuple(tensor.shape)))
 
@@ -824,7 +823,8 @@ def _leaves(tree: Any) -> list[Any]:
     return pytree.tree_leaves(tree)
 
 
-def _tensors(tree: Any) -> list[torch.Tensor]:
+def tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    """Every tensor in a nested structure of outputs or arguments (Hugging Face ModelOutput included)."""
     if isinstance(tree, torch.Tensor):
         return [tree]
     if hasattr(tree, "to_tuple") and callable(tree.to_tuple):  # Hugging Face ModelOutput
@@ -835,6 +835,3 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 def _bind(args: tuple, kwargs: dict, names: tuple[str, ...]) -> list[Any]:
     """Positional-or-keyword arguments by name (None where absent)."""
     return [args[i] if i < len(args) else kwargs.get(name) for i, name in enumerate(names)]
-
-
-_ = F  # torch.nn.functional is imported so its functions resolve under the mode
