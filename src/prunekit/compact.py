@@ -128,9 +128,7 @@ def removed_units(dependencies: ChannelDependencies) -> torch.Tensor:
 def _plan(dependencies: ChannelDependencies, pruned_units: torch.Tensor) -> dict[str, Any]:
     kept: dict[str, dict[str, list[int]]] = {}
     for piece in dependencies.slices:
-        removed = torch.zeros(piece.unit.shape, dtype=torch.bool)
-        has_unit = piece.unit >= 0
-        removed[has_unit] = pruned_units[piece.unit[has_unit]]
+        removed = piece.removed(pruned_units)
         if bool(removed.any()):
             indices = torch.nonzero(~removed).reshape(-1).tolist()
             kept.setdefault(piece.full_name, {})[str(piece.dim)] = indices

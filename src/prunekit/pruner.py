@@ -442,11 +442,7 @@ class Pruner:
         modules = {full: (module, param) for module, param, full in self._maskable_params}
         for full_name, keep in unit_keep_masks(deps, pruned).items():
             module, param_name = modules[full_name]
-            packed = mask_store.pack_mask(keep)
-            old = module._buffers.get(mask_store.mask_buffer_name(param_name))
-            if old is not None:
-                packed &= old.to(packed.device)
-            result[(module, param_name, full_name)] = packed.to(keep.device)
+            self._record_packed(result, module, param_name, full_name, mask_store.pack_mask(keep))
         return result
 
     def _selection_groups(self, sparsity: float, scheduled_at: int | None = None) -> list[tuple[list[Target], float]]:
@@ -482,11 +478,15 @@ class Pruner:
         """Record a bit-packed mask for the target's weight (or ``param_name``), intersected with the
         one already there, since masks only grow."""
         param_name = param_name or target.param_name
-        old = target.module._buffers.get(mask_store.mask_buffer_name(param_name))
+        self._record_packed(result, target.module, param_name, target.name_of(param_name), packed)
+
+    @staticmethod
+    def _record_packed(result: dict, module: nn.Module, param_name: str, full_name: str, packed: torch.Tensor) -> None:
+        """Record ``module.<param_name>``'s new packed mask, intersected with its old one (masks only grow)."""
+        old = module._buffers.get(mask_store.mask_buffer_name(param_name))
         if old is not None:
             packed &= old.to(packed.device)
-        param = getattr(target.module, param_name)
-        result[(target.module, param_name, target.name_of(param_name))] = packed.to(param.device)
+        result[(module, param_name, full_name)] = packed.to(getattr(module, param_name).device)
 
     def _check_finite(self) -> None:
         for target in self.targets:

@@ -53,6 +53,13 @@ class Slice:
     def tensor(self) -> torch.Tensor:
         return getattr(self.module, self.tensor_name)
 
+    def removed(self, pruned_units: torch.Tensor) -> torch.Tensor:
+        """Bool per index of this dimension: True where the index belongs to a pruned unit."""
+        removed = torch.zeros(self.unit.shape, dtype=torch.bool)
+        has_unit = self.unit >= 0
+        removed[has_unit] = pruned_units[self.unit[has_unit]]
+        return removed
+
 
 class ChannelDependencies:
     """The units of structured pruning of one model (see the module docstring)."""

@@ -114,9 +114,7 @@ def unit_keep_masks(dependencies: ChannelDependencies, pruned: torch.Tensor) -> 
     for piece in dependencies.slices:
         if piece.tensor_name not in piece.module._parameters:
             continue
-        has_unit = piece.unit >= 0
-        removed = torch.zeros(piece.unit.shape, dtype=torch.bool)
-        removed[has_unit] = pruned[piece.unit[has_unit]]
+        removed = piece.removed(pruned)
         if not bool(removed.any()):
             continue
         tensor = piece.tensor
