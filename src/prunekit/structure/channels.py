@@ -114,19 +114,6 @@ class ChannelGraph:
                     break
                 root = jumped
 
-    def locate(self, ids: torch.Tensor) -> list[tuple[DimRange, torch.Tensor]]:
-        """Split ids into (range, indices within that range) pairs."""
-        starts = torch.tensor([r.start for r in self.ranges], dtype=torch.int64)
-        order = torch.argsort(starts)
-        starts = starts[order]
-        slot = torch.searchsorted(starts, ids, right=True) - 1
-        found = []
-        for position in torch.unique(slot).tolist():
-            chosen = ids[slot == position]
-            dim_range = self.ranges[int(order[position])]
-            found.append((dim_range, chosen - dim_range.start))
-        return found
-
 
 def _drop_repeats(ids: torch.Tensor) -> torch.Tensor:
     """Keep one slice along every dimension (after the first) whose slices are all equal: activations

@@ -70,12 +70,6 @@ class ChannelDependencies:
         self.unit_family = unit_family
         self.families = families
 
-    def family_units(self) -> list[torch.Tensor]:
-        """For each family, the indices of its units."""
-        order = torch.argsort(self.unit_family, stable=True)
-        counts = torch.bincount(self.unit_family, minlength=len(self.families)).tolist()
-        return list(torch.split(order, counts))
-
     def members(self, unit: int) -> dict[str, dict[int, list[int]]]:
         """``{tensor name: {dim: [indices]}}`` of one unit, for inspection."""
         found: dict[str, dict[int, list[int]]] = {}
