@@ -40,6 +40,8 @@ class Summary:
     """Per-layer rows and totals; ``str()`` prints a table, :meth:`to_dict` gives plain numbers."""
 
     layers: list[LayerStats] = field(default_factory=list)
+    #: Lines printed under the table (e.g. what a structured sparsity counted).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total_params(self) -> int:
@@ -76,6 +78,7 @@ class Summary:
             "macs": self.macs,
             "nonzero_macs": self.nonzero_macs,
             "layers": [dict(asdict(layer), sparsity=layer.sparsity) for layer in self.layers],
+            "notes": list(self.notes),
         }
 
     def __str__(self) -> str:
@@ -110,7 +113,7 @@ class Summary:
             )
 
         rule = "-" * len(line(header))
-        return "\n".join([line(header), rule, *map(line, rows), rule, line(total)])
+        return "\n".join([line(header), rule, *map(line, rows), rule, line(total), *self.notes])
 
     __repr__ = __str__
 

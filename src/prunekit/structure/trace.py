@@ -156,6 +156,9 @@ class ChannelTracer(TorchFunctionMode):
         #: (output labels, outer dims, inner dims) of every reshape that split one dimension in several
         #: (heads from a projection, groups in a channel shuffle), checked once units are known.
         self.splits: list[tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]] = []
+        #: One id per attention head (per slice of an activation × activation product): the units they
+        #: end up in are heads, which ``prune_only="heads"`` / ``"width"`` tell apart from channels.
+        self.heads: list[torch.Tensor] = []
         self._handles = []
         for module in model.modules():
             self._handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
@@ -710,6 +713,7 @@ class ChannelTracer(TorchFunctionMode):
         ids = ids_of(torch.cat(rows, dim=1))
         first = ids.amax(dim=1, keepdim=True)
         self.graph.join(first.expand_as(ids), ids)
+        self.heads.append(first[:, 0])
         # Zero where a pruned head zeroes either factor (attention weights × the head's pruned values).
         zero_ok = zero_ok_of(rows[0]).all(dim=1) | zero_ok_of(rows[-1]).all(dim=1)
         label = encode(first[:, 0], zero_ok)
@@ -738,6 +742,7 @@ class ChannelTracer(TorchFunctionMode):
         ids = ids_of(torch.cat(rows, dim=1))
         first = ids.amax(dim=1, keepdim=True).expand_as(ids)
         self.graph.join(first, ids)
+        self.heads.append(first[:, 0])
         zero_ok = zero_ok_of(v_rows).all(dim=1)
         head_label = encode(first[:, 0], zero_ok).repeat_interleave(group)
         self.set_label(out, head_label.reshape(heads, 1, 1).expand(tuple(out.shape)))
@@ -766,6 +771,7 @@ class ChannelTracer(TorchFunctionMode):
         ids = ids_of(torch.cat(rows, dim=1))
         first = ids.amax(dim=1, keepdim=True)
         self.graph.join(first.expand_as(ids), ids)
+        self.heads.append(first[:, 0])
         zero_ok = torch.stack([zero_ok_of(row).all(dim=1) for row in rows]).any(dim=0)
         label = encode(first[:, 0], zero_ok).reshape([sizes[c] for c in batch])
         shape = [out.shape[i] if c in sizes else 1 for i, c in enumerate(result)]
