@@ -259,7 +259,7 @@ def test_summary_counts_activation_products_but_not_weight_products():
             transposed = x @ self.weight.t().t()  # a view of the weight: not attention either
             scores = torch.bmm(projected, projected.transpose(1, 2))  # (2, 5, 3) × (2, 3, 5)
             mixed = torch.einsum("bls,bsd->bld", scores, transposed)  # (2, 5, 5) × (2, 5, 3)
-            return torch.baddbmm(mixed, scores, projected) + torch.matmul(scores[0], projected[0])
+            return torch.baddbmm(mixed, scores, projected) + scores[0] @ projected[0]
 
     s = pk.summary(Mixed(), torch.randn(2, 5, 4))
     bmm = baddbmm = 2 * 5 * 5 * 3

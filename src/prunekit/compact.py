@@ -69,6 +69,9 @@ def compact(
     dependencies = trace_dependencies(model, example_inputs, exclude=exclude, prune_outputs=prune_outputs)
     pruned_units = removed_units(dependencies)
     plan = _plan(dependencies, pruned_units)
+    # A Hugging Face model loaded with plain from_pretrained has its earlier plan only in its config
+    # (read, and checked to be prunekit's, before anything changes).
+    earlier_plan = getattr(model, "prunekit_plan", None) or hf.saved_plan(model)
     reference = _run(model, example_inputs) if check else None
     small = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
@@ -79,7 +82,7 @@ def compact(
                     mask_store.zero_pruned(module._parameters[param_name], keep)
                     mask_store.remove_mask(module, param_name)
     apply_plan(small, plan)
-    small.prunekit_plan = _compose(getattr(model, "prunekit_plan", None) or hf.saved_plan(model), plan)
+    small.prunekit_plan = _compose(earlier_plan, plan)
     hf.record_in_config(small, small.prunekit_plan)
     if check:
         try:

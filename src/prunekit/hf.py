@@ -8,7 +8,8 @@ config has them:
 - ``num_attention_heads`` (GPT-2 ``n_head``, T5 ``num_heads``): query heads per attention module;
 - ``num_key_value_heads``: key/value heads per attention module (grouped-query attention, LLaMA);
 - ``head_dim`` (T5 ``d_kv``): the size of one head, which pruning never changes, but which models such
-  as LLaMA would otherwise derive as ``hidden_size // num_attention_heads``;
+  as LLaMA and ViT would otherwise derive as ``hidden_size // num_attention_heads`` (written only with a
+  new head count; added where the config has no such field, as ViT reads it when present);
 - ``intermediate_size`` (GPT-2 ``n_inner``, T5 ``d_ff``): the hidden width of the feed-forward blocks;
 - ``hidden_size`` (GPT-2 ``n_embd``, T5 ``d_model``): the residual stream width, which changes only with
   ``prune_outputs=True``.
@@ -20,19 +21,25 @@ device, so it costs no memory). Then plain ``save_pretrained`` / ``from_pretrain
 model. Otherwise (``scope="global"`` gives each layer its own size; BERT derives the head size from
 ``hidden_size / num_attention_heads`` and so cannot describe removed heads) the fields keep their
 original values, plain ``from_pretrained`` refuses the checkpoint (transformers raises on the
-mismatched weight shapes), and :func:`from_pretrained` is the way to load it.
+mismatched weight shapes unless given ``ignore_mismatched_sizes=True``, which would re-initialise
+them), and :func:`from_pretrained` is the way to load it.
 
 Either way the config carries a ``prunekit`` entry, which ``save_pretrained`` writes to config.json::
 
     "prunekit": {
         "format": "prunekit-hf/1",
-        "config_describes_model": true,      # the fields above were updated (uniform sizes)
-        "original": {"num_attention_heads": 4, "intermediate_size": 64},  # before any pruning
-        "layers": {"attention_heads": {"model.layers.0.self_attn": 2, ...}, "mlp_width": {...}, ...},
+        "config_describes_model": true,    # the fields above describe the model (uniform sizes)
+        "original": {"num_attention_heads": 4, "intermediate_size": 64},  # values before any pruning
+        "added": [],                       # fields the original config did not have (ViT: head_dim)
+        "layers": {"attention_heads": {"model.layers.0.self_attn": 2, ...}, "key_value_heads": {...},
+                   "head_dim": {...}, "mlp_width": {"model.layers.0.mlp.up_proj": 32, ...},
+                   "hidden_size": 32},     # what each layer has now
         "plan": {"format": "prunekit-plan/1", "kept": {...}}  # kept indices, see prunekit.compact
     }
 
-transformers is imported only when used; prunekit never requires it.
+The plan lists the kept indices of every sliced tensor, so on large models it makes config.json larger
+(megabytes for a 7B model). transformers is never imported here: a model is recognised as a
+``PreTrainedModel`` only when transformers is already loaded, so prunekit does not require it.
 """
 
 from __future__ import annotations
