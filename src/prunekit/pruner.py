@@ -496,9 +496,9 @@ class Pruner:
     def _unit_costs(self) -> UnitCosts:
         """Parameter and MAC counts per set of removed units, built once (MACs need one forward pass)."""
         if self._costs is None:
-            from .summary import _positions
+            from .summary import weight_applications
 
-            applied = _positions(self.model, self.example_inputs) if self.sparsity_in == "macs" else None
+            applied = weight_applications(self.model, self.example_inputs) if self.sparsity_in == "macs" else None
             self._costs = UnitCosts(self.model, self.dependencies, applied)
         return self._costs
 
@@ -702,12 +702,12 @@ class Pruner:
         """:func:`prunekit.summary` of the model, using this pruner's ``example_inputs``; with coupled
         structured pruning, a note says what the sparsity counted and what removing the pruned units
         saves in parameters and MACs (what :func:`prunekit.compact` will deliver)."""
-        from .summary import _positions, summary
+        from .summary import summary, weight_applications
 
         report = summary(self.model, example_inputs=self.example_inputs)
         if self.dependencies is not None:
             pruned = removed_units(self.dependencies)
-            costs = UnitCosts(self.model, self.dependencies, _positions(self.model, self.example_inputs))
+            costs = UnitCosts(self.model, self.dependencies, weight_applications(self.model, self.example_inputs))
             only = "" if self.prune_only is None else f", {self.prune_only} only"
             report.notes.append(
                 f"structured sparsity {self.sparsity_target:g} counts {self.sparsity_in}{only}: "

@@ -233,6 +233,12 @@ class _ActivationProducts(TorchFunctionMode):
         return math.prod(sizes.values()) * math.prod(torch.broadcast_shapes(*ellipses) if ellipses else ())
 
 
+def weight_applications(model: nn.Module, example_inputs: Any) -> dict[nn.Module, int]:
+    """``{module: positions}``: how many times each Linear/Conv/Conv1D weight is applied in one forward
+    pass of ``example_inputs`` (its MACs are weight elements × positions)."""
+    return _positions(model, example_inputs)[0]
+
+
 def _positions(model: nn.Module, example_inputs: Any) -> tuple[dict[nn.Module, int], dict[str, int]]:
     """How many times each Linear/Conv/Conv1D weight is applied in one forward pass of ``example_inputs``,
     and the MACs of products of two activations per name of the (innermost) module computing them."""

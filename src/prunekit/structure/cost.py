@@ -7,9 +7,10 @@ conv stack's parameters. :class:`UnitCosts` counts this exactly for any set of p
 :class:`prunekit.Pruner` can aim at a fraction of parameters or of MACs instead of a fraction of units
 (``sparsity_in="params"`` / ``"macs"``).
 
-MACs are those :func:`prunekit.summary` counts for Conv/Linear layers: each weight element once per
-position it is applied at in one forward pass of the example inputs, so a layer keeps the same fraction
-of its MACs as of its weight.
+MACs are the weight MACs :func:`prunekit.summary` counts (Conv, Linear, Hugging Face Conv1D): each
+weight element once per position it is applied at in one forward pass of the example inputs, so a
+layer keeps the same fraction of its MACs as of its weight. Products of two activations (attention
+scores, which the summary reports in rows of their own) are not part of this count.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class UnitCosts:
     Args:
         model: the model the dependencies were traced on.
         dependencies: its units (:func:`prunekit.structure.trace_dependencies`).
-        applied: ``{module: positions}``, how often each Conv/Linear weight is applied in one forward
-            pass (from :func:`prunekit.summary`'s counting); needed for MACs only.
+        applied: ``{module: positions}``, how often each weight is applied in one forward pass
+            (:func:`prunekit.summary.weight_applications`); needed for MACs only.
     """
 
     def __init__(
