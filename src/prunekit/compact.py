@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import masks as mask_store
+from .attention import shrink_multihead_attention
 from .structure.dependencies import ChannelDependencies, call_model, trace_dependencies
 from .structure.trace import tensor_leaves
 from .targets import LayerSelector
@@ -196,7 +197,9 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
         update_shape_attributes(module)
     changed_ids = {id(m) for m in changed}
     for module in model.modules():
-        if any(id(child) in changed_ids for child in module.children()):
+        if isinstance(module, nn.MultiheadAttention):
+            shrink_multihead_attention(module)
+        elif any(id(child) in changed_ids for child in module.children()):
             update_attention_attributes(module)
     return model
 
@@ -239,7 +242,7 @@ def update_shape_attributes(module: nn.Module) -> None:
 _HEAD_DIM = ("head_dim", "key_value_proj_dim", "attention_head_size", "d_kv", "dim_head")
 _HEAD_COUNT = ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads")
 _KV_HEAD_COUNT = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
-_HEADS_WIDTH = ("all_head_size", "inner_dim")
+_HEADS_WIDTH = ("all_head_size", "inner_dim", "attn_dim")
 _QUERY = ("q_proj", "q", "query", "q_lin", "to_q")
 _KEY = ("k_proj", "k", "key", "k_lin", "to_k")
 
@@ -250,12 +253,11 @@ def update_attention_attributes(module: nn.Module) -> None:
     key projections after heads were removed."""
     head_dim = next((getattr(module, a) for a in _HEAD_DIM if isinstance(getattr(module, a, None), int)), None)
     query = next((getattr(module, n) for n in _QUERY if isinstance(getattr(module, n, None), nn.Linear)), None)
-    fused = getattr(module, "qkv", None)  # timm: one Linear computing q, k and v
-    if not head_dim or (query is None and not isinstance(fused, nn.Linear)):
+    width = query.out_features if query is not None else _fused_query_width(module)
+    if not head_dim or width is None or width % head_dim:
         return
-    width = query.out_features if query is not None else fused.out_features // 3
-    if width % head_dim:
-        return
+    if _is_gpt2_conv1d(getattr(module, "c_attn", None)) and isinstance(getattr(module, "split_size", None), int):
+        module.split_size = width  # GPT-2 splits c_attn's output into q, k, v pieces of split_size
     heads = width // head_dim
     for name in _HEAD_COUNT:
         if isinstance(getattr(module, name, None), int) and not isinstance(getattr(module, name), bool):
@@ -268,6 +270,27 @@ def update_attention_attributes(module: nn.Module) -> None:
         for name in _KV_HEAD_COUNT:
             if isinstance(getattr(module, name, None), int):
                 setattr(module, name, key.out_features // head_dim)
+
+
+def _is_gpt2_conv1d(module: Any) -> bool:
+    """Hugging Face's Conv1D (GPT-2): a Linear with its weight stored (in, out) and ``nf`` outputs."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+
+
+def _fused_query_width(module: nn.Module) -> int | None:
+    """The query width of an attention module whose projections are fused into one layer: timm's ``qkv``
+    Linear (q, k, v), GPT-2's ``c_attn`` Conv1D (q, k, v; only k, v in cross-attention, where ``q_attn``
+    computes q); None for other modules."""
+    fused = getattr(module, "qkv", None)
+    if isinstance(fused, nn.Linear):
+        return fused.out_features // 3
+    fused = getattr(module, "c_attn", None)
+    if not _is_gpt2_conv1d(fused):
+        return None
+    query = getattr(module, "q_attn", None)
+    if getattr(module, "is_cross_attention", False) and _is_gpt2_conv1d(query):
+        return query.nf
+    return fused.nf // 3
 
 
 def _run(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
