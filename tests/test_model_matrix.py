@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import prunekit as pk
 
@@ -106,6 +107,7 @@ TIMM_MODELS = [
     "swin_tiny_patch4_window7_224",
     "ghostnet_100",
     "densenet121",
+    "mobilevit_xxs",
 ]
 
 
@@ -114,6 +116,44 @@ def test_timm_model(name, tmp_path):
     timm = pytest.importorskip("timm")
     size = timm.create_model(name, pretrained=False).default_cfg["input_size"]
     _check_model(lambda: timm.create_model(name, pretrained=False), torch.randn(1, *size), tmp_path)
+
+
+class _MultiheadAttentionNet(nn.Module):
+    """nn.MultiheadAttention between two Linear layers, with a padding mask and a causal mask."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Linear(6, 32)
+        self.attention = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 5)
+
+    def forward(self, x, padding):
+        h = self.embed(x)
+        length = h.shape[1] if self.batch_first else h.shape[0]
+        causal = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
+        h = h + self.attention(h, h, h, key_padding_mask=padding, attn_mask=causal, need_weights=False)[0]
+        return self.down(torch.relu(self.up(h)))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_model(batch_first, tmp_path):
+    x = torch.randn(2, 7, 6) if batch_first else torch.randn(7, 2, 6)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[0, -3:] = True
+    _check_model(lambda: _MultiheadAttentionNet(batch_first), {"x": x, "padding": padding}, tmp_path)
+
+
+def test_torchvision_small_vision_transformer(tmp_path):
+    """vit_b_16's architecture (nn.MultiheadAttention in every block) at a size CI affords."""
+    torchvision = pytest.importorskip("torchvision")
+    _check_model(
+        lambda: torchvision.models.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64
+        ),
+        torch.randn(2, 3, 32, 32),
+        tmp_path,
+    )
 
 
 def _hf_models():

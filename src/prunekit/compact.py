@@ -27,6 +27,7 @@ from torch.utils import _pytree as pytree
 
 from . import hf
 from . import masks as mask_store
+from .attention import shrink_multihead_attention
 from .structure.dependencies import ChannelDependencies, call_model, trace_dependencies
 from .structure.trace import tensor_leaves
 from .targets import LayerSelector
@@ -204,7 +205,9 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
         update_shape_attributes(module)
     changed_ids = {id(m) for m in changed}
     for module in model.modules():
-        if any(id(child) in changed_ids for child in module.children()):
+        if isinstance(module, nn.MultiheadAttention):
+            shrink_multihead_attention(module)
+        elif any(id(child) in changed_ids for child in module.children()):
             update_attention_attributes(module)
     return model
 
@@ -247,7 +250,7 @@ def update_shape_attributes(module: nn.Module) -> None:
 _HEAD_DIM = ("head_dim", "key_value_proj_dim", "attention_head_size", "d_kv", "dim_head")
 _HEAD_COUNT = ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads")
 _KV_HEAD_COUNT = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
-_HEADS_WIDTH = ("all_head_size", "inner_dim")
+_HEADS_WIDTH = ("all_head_size", "inner_dim", "attn_dim")
 _QUERY = ("q_proj", "q", "query", "q_lin", "to_q", "q_attn")
 _KEY = ("k_proj", "k", "key", "k_lin", "to_k")
 
