@@ -81,15 +81,16 @@ def test_heads_with_zero_projections_are_the_ones_removed():
     assert small.prunekit_plan["kept"]["attention.out_proj.weight"]["1"] == [0, 1, 2, 3, 8, 9, 10, 11]
 
 
-def test_small_out_projection_columns_decide_which_heads_go():
-    """The heads' scores come from out_proj's columns (the pruned Linear): the two heads whose columns
-    are 100 times smaller are removed."""
+def test_small_projections_decide_which_heads_go():
+    """A head's score sums its q, k, v rows of in_proj_weight and its columns of out_proj (both are
+    pruning targets): the two heads whose weights are 100 times smaller are removed."""
     torch.manual_seed(0)
     model = SelfAttentionNet(batch_first=False).eval()
     inputs = _inputs(False)
     with torch.no_grad():
-        model.attention.out_proj.weight[:, 0:4] *= 0.01
-        model.attention.out_proj.weight[:, 12:16] *= 0.01
+        for head in (0, 3):
+            model.attention.in_proj_weight[_head_rows(head, 4, 16)] *= 0.01
+            model.attention.out_proj.weight[:, 4 * head : 4 * head + 4] *= 0.01
     pk.prune(model, 0.5, criterion="magnitude", granularity="out_channel", example_inputs=inputs,
              layer_sparsity={"embed": 0.0})  # fmt: skip
     small = pk.compact(model, inputs)
@@ -339,3 +340,17 @@ def test_a_compacted_multihead_attention_can_be_pruned_and_compacted_again(tmp_p
     loaded = pk.load_pruned(SelfAttentionNet(batch_first=True), path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(**inputs), smaller(**inputs))
+
+
+def test_multihead_attention_projections_are_pruning_targets():
+    """in_proj_weight (or q/k/v_proj_weight) is pruned like a Linear's weight, its bias with whole rows."""
+    torch.manual_seed(0)
+    packed = nn.MultiheadAttention(16, 4)
+    pruner = pk.prune(packed, 0.5, granularity="weight")
+    assert set(pruner.masks) == {"in_proj_weight", "out_proj.weight"}
+    assert float((packed.in_proj_weight == 0).float().mean()) == 0.5
+    rows = pk.prune(nn.MultiheadAttention(16, 4), 0.25, granularity="out_channel", coupled=False)
+    assert set(rows.masks) == {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"}
+    assert int((~rows.masks["in_proj_bias"]).sum()) == 12  # a quarter of the 48 q, k, v rows
+    separate = nn.MultiheadAttention(16, 4, kdim=8, vdim=12)
+    assert set(pk.prune(separate, 0.5).masks) == {"q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"}

@@ -277,3 +277,40 @@ def test_summary_counts_multihead_attention_scores():
     with torch.no_grad():
         s = pk.summary(attention, (x, x, x, None, False))  # need_weights=False: the sdpa path
     assert s.attention_macs == 2 * 3 * 5 * 5 * 8
+
+
+def gpt2(layers: int = 1) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=layers, n_head=4, n_positions=16)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_gpt2_conv1d_layers_are_pruning_targets_with_their_columns_as_outputs():
+    model = gpt2()
+    pruner = pk.prune(model, 0.5, granularity="weight", scope="local")
+    names = set(pruner.masks)
+    assert {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight"} <= names
+    assert float((model.transformer.h[0].attn.c_attn.weight == 0).float().mean()) == 0.5
+    # Conv1D stores its weight (in, out): an output unit is a column, and its bias entry goes with it.
+    model = gpt2()
+    pruner = pk.prune(model, 0.25, granularity="out_channel", coupled=False, include=["transformer.h.0.mlp.c_fc"])
+    dead_columns = (model.transformer.h[0].mlp.c_fc.weight == 0).all(dim=0)
+    assert int(dead_columns.sum()) == 32
+    assert torch.equal(dead_columns, ~pruner.masks["transformer.h.0.mlp.c_fc.bias"])
+
+
+def test_gpt2_heads_are_chosen_by_the_scores_of_their_projections():
+    """Head 2 of the first block has tiny q, k, v columns (c_attn) and c_proj rows: it is the head
+    removed there when each block loses one head of four."""
+    model = gpt2(layers=2)
+    attention = model.transformer.h[0].attn
+    columns = [part * 32 + 2 * 8 + i for part in range(3) for i in range(8)]
+    with torch.no_grad():
+        attention.c_attn.weight[:, columns] *= 1e-3
+        attention.c_proj.weight[16:24] *= 1e-3
+    pk.prune(model, 0.25, granularity="out_channel", example_inputs=INPUTS, prune_only="heads")
+    small = pk.compact(model, INPUTS)
+    assert [block.attn.num_heads for block in small.transformer.h] == [3, 3]
+    kept = small.prunekit_plan["kept"]["transformer.h.0.attn.c_proj.weight"]["0"]
+    assert kept == [*range(0, 16), *range(24, 32)]

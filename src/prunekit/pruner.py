@@ -218,7 +218,7 @@ class Pruner:
         for target in self.targets:
             found.append((target.module, target.param_name, target.full_name))
             if self.granularity.prunes_bias and target.bias is not None:
-                found.append((target.module, "bias", target.name_of("bias")))
+                found.append((target.module, target.bias_name, target.name_of(target.bias_name)))
         return found
 
     def _enforced_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -529,7 +529,7 @@ class Pruner:
         bias = target.bias
         if self.granularity.prunes_bias and bias is not None and bias.numel() == keep_oik.shape[0]:
             bias_keep = keep_oik.reshape(keep_oik.shape[0], -1).any(dim=1)
-            self._add_packed_mask(result, target, mask_store.pack_mask(bias_keep), "bias")
+            self._add_packed_mask(result, target, mask_store.pack_mask(bias_keep), target.bias_name)
 
     def _add_packed_mask(self, result: dict, target: Target, packed: torch.Tensor, param_name: str = "") -> None:
         """Record a bit-packed mask for the target's weight (or ``param_name``), intersected with the
