@@ -204,8 +204,10 @@ def test_returned_attention_weights_keep_the_heads():
             out, weights = self.attention(x, x, x)
             return self.up(out), weights
 
-    deps = trace_dependencies(ReturnsWeights().eval(), torch.randn(1, 4, 8))
-    assert all(1 not in deps.members(u).get("attention.out_proj.weight", {}) for u in range(deps.num_units))
+    for prune_outputs in (False, True):  # outputs may lose channels, but these mix all heads
+        deps = trace_dependencies(ReturnsWeights().eval(), torch.randn(1, 4, 8), prune_outputs=prune_outputs)
+        assert all(1 not in deps.members(u).get("attention.out_proj.weight", {}) for u in range(deps.num_units))
+        assert not bool(deps.unit_is_head.any())
 
 
 def test_a_mask_per_head_keeps_the_heads():

@@ -279,6 +279,30 @@ def test_summary_counts_multihead_attention_scores():
     assert s.attention_macs == 2 * 3 * 5 * 5 * 8
 
 
+def test_summary_counts_multihead_attention_projections_at_query_and_key_tokens():
+    """Cross-attention of 4 queries over 6 keys (batch 2), E = 8, kdim = 3, vdim = 5: q rows at 8 query
+    tokens, k and v rows at 12 key tokens, out_proj at 8 query tokens."""
+    attention = nn.MultiheadAttention(8, 2, kdim=3, vdim=5, batch_first=True)
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 6, 3), torch.randn(2, 6, 5)
+    rows = {row.name: row for row in pk.summary(attention, (q, k, v)).layers if row.kind != ATTENTION_KIND}
+    assert rows[""].macs == 8 * 8 * 8 + (8 * 3 + 8 * 5) * 12
+    assert rows["out_proj"].macs == 8 * 8 * 8
+
+
+def test_summary_counts_a_pruned_multihead_attention_at_its_kept_width():
+    attention = nn.MultiheadAttention(8, 4, batch_first=True).eval()
+    x = torch.randn(2, 5, 8)
+    inputs = (x, x, x, None, False)  # need_weights=False: weights averaged over heads would pin them
+    dense = pk.summary(attention, inputs)
+    pk.prune(attention, 0.5, granularity="out_channel", example_inputs=inputs, prune_outputs=True,
+             prune_only="heads")  # fmt: skip
+    small = pk.compact(attention, inputs, prune_outputs=True)
+    assert small.num_heads == 2
+    after = pk.summary(small, inputs)
+    assert after.attention_macs == dense.attention_macs // 2
+    assert after.macs - after.attention_macs == (dense.macs - dense.attention_macs) // 2
+
+
 def gpt2(layers: int = 1) -> nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -8,6 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_attention_heads import SelfAttentionNet
+from test_attention_heads import _inputs as _attention_inputs
 from test_structure import ConcatNet, ResidualNet, TinyAttention, _params, _randomize_norms
 from torch import nn
 
@@ -47,7 +49,7 @@ def test_costs_of_a_hidden_layer_by_hand():
 
 @settings(max_examples=15, deadline=None)
 @given(
-    net=st.sampled_from(["residual", "concat", "attention"]),
+    net=st.sampled_from(["residual", "concat", "attention", "multihead"]),
     seed=st.integers(0, 10_000),
     fraction=st.floats(0.0, 0.9),
 )
@@ -56,6 +58,7 @@ def test_counted_costs_equal_the_compacted_model(net, seed, fraction):
         "residual": (lambda: _randomize_norms(ResidualNet()), torch.randn(2, 3, 8, 8)),
         "concat": (ConcatNet, torch.randn(2, 3, 6, 6)),
         "attention": (TinyAttention, torch.randn(2, 5, 16)),
+        "multihead": (lambda: SelfAttentionNet(batch_first=True), _attention_inputs(True)),
     }[net]
     torch.manual_seed(seed)
     model = build().eval()

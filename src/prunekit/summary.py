@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .attention import pruned_multi_head_attention_forward
+from .targets import is_hf_conv1d
+
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -36,14 +39,33 @@ ATTENTION_KIND = "attention (activation × activation)"
 """The ``kind`` of the rows counting products of two activations (attention scores and weighted values)."""
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2 and relatives): a linear layer whose weight is stored (in, out)."""
-    weight = getattr(module, "weight", None)
-    return type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.ndim == 2
-
-
 def _counts_weight_macs(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, *_CONV, *_CONV_T)) or _is_hf_conv1d(module)
+    weight = getattr(module, "weight", None)
+    hf_conv1d = is_hf_conv1d(module) and isinstance(weight, torch.Tensor) and weight.ndim == 2
+    return isinstance(module, (nn.Linear, *_CONV, *_CONV_T)) or hf_conv1d
+
+
+def applied_weights(module: nn.Module) -> list[torch.Tensor]:
+    """The weights whose MACs a module's applications count: its ``weight``, or for an
+    ``nn.MultiheadAttention`` its query/key/value projection weights (``out_proj`` is a Linear of its own)."""
+    if isinstance(module, nn.MultiheadAttention):
+        names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+        return [w for w in (getattr(module, n, None) for n in names) if isinstance(w, torch.Tensor)]
+    weight = getattr(module, "weight", None)
+    return [weight] if _counts_weight_macs(module) and isinstance(weight, torch.Tensor) else []
+
+
+def _projection_macs(module: nn.MultiheadAttention, query_tokens: int, key_tokens: int) -> tuple[int, int]:
+    """(MACs, non-zero MACs) of an nn.MultiheadAttention's q, k and v projections: the query rows are
+    applied at every query token, the key and value rows at every key token."""
+    if module.in_proj_weight is not None:
+        parts = module.in_proj_weight.detach().chunk(3)
+    else:
+        parts = [module.q_proj_weight.detach(), module.k_proj_weight.detach(), module.v_proj_weight.detach()]
+    tokens = (query_tokens, key_tokens, key_tokens)
+    macs = sum(part.numel() * count for part, count in zip(parts, tokens))
+    nonzero = sum(int(torch.count_nonzero(part)) * count for part, count in zip(parts, tokens))
+    return macs, nonzero
 
 
 @dataclass
@@ -196,6 +218,11 @@ class _ActivationProducts(TorchFunctionMode):
             query, key = args[0], args[1]  # (L, N, E) or unbatched (L, E); projected to E either way
             batch = query.shape[1] if query.ndim == 3 else 1
             return 2 * batch * query.shape[0] * key.shape[0] * query.shape[-1]
+        if func is pruned_multi_head_attention_forward:  # the same, projected to the kept heads' width
+            query, key, in_proj_weight = args[0], args[1], args[4]
+            width = in_proj_weight.shape[0] // 3 if in_proj_weight is not None else args[17].shape[0]
+            batch = query.shape[1] if query.ndim == 3 else 1
+            return 2 * batch * query.shape[0] * key.shape[0] * width
         if func in self._MATMULS or func in self._BADDBMMS or func is torch.Tensor.__rmatmul__:
             if func in self._BADDBMMS:
                 left, right = args[1], args[2]
@@ -234,12 +261,15 @@ class _ActivationProducts(TorchFunctionMode):
 
 
 def weight_applications(model: nn.Module, example_inputs: Any) -> dict[nn.Module, int]:
-    """``{module: positions}``: how many times each Linear/Conv/Conv1D weight is applied in one forward
-    pass of ``example_inputs`` (its MACs are weight elements × positions)."""
+    """``{module: positions}``: how many times each Linear/Conv/Conv1D weight (and each
+    nn.MultiheadAttention's projection, counted at the query's tokens) is applied in one forward pass of
+    ``example_inputs``; the MACs of :func:`applied_weights` are their elements × positions."""
     return _positions(model, example_inputs)[0]
 
 
-def _positions(model: nn.Module, example_inputs: Any) -> tuple[dict[nn.Module, int], dict[str, int]]:
+def _positions(
+    model: nn.Module, example_inputs: Any
+) -> tuple[dict[nn.Module, int], dict[str, int], dict[nn.Module, int]]:
     """How many times each Linear/Conv/Conv1D weight is applied in one forward pass of ``example_inputs``,
     and the MACs of products of two activations per name of the (innermost) module computing them."""
     counted: dict[nn.Module, int] = {}
@@ -265,7 +295,24 @@ def _positions(model: nn.Module, example_inputs: Any) -> tuple[dict[nn.Module, i
         if running:
             running.pop()
 
+    key_tokens: dict[nn.Module, int] = {}
+
+    def attention_hook(module, args, kwargs, output):
+        # Its projections and out_proj are applied through functional calls, not as modules: count them
+        # here, at the query's tokens (q and out_proj) and the key's (k and v).
+        query = args[0] if args else kwargs["query"]
+        key = args[1] if len(args) > 1 else kwargs.get("key", query)
+        queries, keys = query.numel() // query.shape[-1], key.numel() // key.shape[-1]
+        counted[module] = counted.get(module, 0) + queries
+        key_tokens[module] = key_tokens.get(module, 0) + keys
+        counted[module.out_proj] = counted.get(module.out_proj, 0) + queries
+
     handles = [m.register_forward_hook(hook) for m in model.modules() if _counts_weight_macs(m)]
+    handles += [
+        m.register_forward_hook(attention_hook, with_kwargs=True)
+        for m in model.modules()
+        if isinstance(m, nn.MultiheadAttention)
+    ]
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(enter))
         handles.append(module.register_forward_hook(leave))
@@ -287,7 +334,7 @@ def _positions(model: nn.Module, example_inputs: Any) -> tuple[dict[nn.Module, i
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return counted, products.macs
+    return counted, products.macs, key_tokens
 
 
 def summary(model: nn.Module, example_inputs: Any = None) -> Summary:
@@ -298,7 +345,7 @@ def summary(model: nn.Module, example_inputs: Any = None) -> Summary:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    positions, products = _positions(model, example_inputs) if example_inputs is not None else ({}, {})
+    positions, products, key_tokens = _positions(model, example_inputs) if example_inputs is not None else ({}, {}, {})
     rows: list[LayerStats] = []
     seen: set[int] = set()
     visited: set[int] = set()
@@ -310,6 +357,8 @@ def summary(model: nn.Module, example_inputs: Any = None) -> Summary:
             return
         visited.add(id(module))
         rows.extend(_weight_row(name, module, seen, positions, example_inputs))
+        if isinstance(module, nn.MultiheadAttention) and module in positions and rows and rows[-1].name == name:
+            rows[-1].macs, rows[-1].nonzero_macs = _projection_macs(module, positions[module], key_tokens[module])
         for child_name, child in module.named_children():
             walk(f"{name}.{child_name}" if name else child_name, child)
         if name in products:

@@ -9,8 +9,10 @@ conv stack's parameters. :class:`UnitCosts` counts this exactly for any set of p
 
 MACs are the weight MACs :func:`prunekit.summary` counts (Conv, Linear, Hugging Face Conv1D): each
 weight element once per position it is applied at in one forward pass of the example inputs, so a
-layer keeps the same fraction of its MACs as of its weight. Products of two activations (attention
-scores, which the summary reports in rows of their own) are not part of this count.
+layer keeps the same fraction of its MACs as of its weight. An nn.MultiheadAttention's projections count
+at the query's tokens (exact for self-attention; for cross-attention with another key length the key
+and value rows are counted at the query's length). Products of two activations (attention scores, which
+the summary reports in rows of their own) are not part of this count.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..summary import applied_weights
 from .dependencies import ChannelDependencies
 
 #: What a structured sparsity can count: units (coupled channels / heads), parameters or MACs.
@@ -50,8 +53,7 @@ class UnitCosts:
             shapes[id(param)] = tuple(param.shape)
             cut.setdefault(id(param), {}).setdefault(piece.dim, []).append(piece.unit)
         for module, positions in (applied or {}).items():
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor):
+            for weight in applied_weights(module):
                 uses[id(weight)] = uses.get(id(weight), 0) + positions
                 shapes.setdefault(id(weight), tuple(weight.shape))
         unique = {id(p): p for p in model.parameters()}

@@ -149,11 +149,13 @@ def trace_dependencies(
         model.eval()
         with torch.no_grad(), tracer:
             output = call_model(model, example_inputs)
-        if not prune_outputs:
-            for tensor in tensor_leaves(output):
-                label = tracer.label(tensor)
-                if label is not None:
-                    tracer.graph.pin(ids_of(label))
+        for tensor in tensor_leaves(output):
+            label = tracer.label(tensor)
+            if label is not None and not prune_outputs:
+                tracer.graph.pin(ids_of(label))
+            heads = tracer.head_mixtures.get(tensor)
+            if heads is not None:  # weights averaged over heads change with any head, whatever prune_outputs says
+                tracer.graph.pin(heads)
     except UnsupportedOperationError:
         raise
     finally:
