@@ -3,7 +3,7 @@
 For each model, one training step is forward + backward + ``optimizer.step()`` (+ ``pruner.step()``
 for the masked run). The masked model is pruned to 90% (global magnitude) and trained with its
 optimizer attached to the pruner, the recommended way: right after each ``optimizer.step()`` the
-masks are re-applied (one in-place ``torch.where`` per weight tensor, reading a 1-byte mask), and the
+masks are re-applied (one in-place product per weight tensor with its 1-byte mask read as uint8), and the
 optimizer state is cleared at pruned entries when masks change. Both models run the same dense
 kernels (masks do not make dense matmuls faster), so the difference is the enforcement cost.
 Dense and masked steps are timed in alternating blocks to cancel drift; the median block is reported.
@@ -174,7 +174,7 @@ Adam; random data).
 {table}
 
 Target (issue #2): at most +3% over the dense step. The masked step re-applies the masks right after
-`optimizer.step()` (one in-place `torch.where` per weight tensor, reading a 1-byte mask). That pass costs
+`optimizer.step()` (one in-place product per weight tensor with its 1-byte mask read as uint8). That pass costs
 about one elementwise pass over the weights, so its share is largest where the step is smallest (a tiny
 MLP, whose whole step is one or two milliseconds) and falls as convolutions and batch size grow. The last
 column compares with the same pruned model trained with no masks at all, which isolates the cost of
