@@ -22,7 +22,7 @@ from .fhe.budget import AccumulatorBudget
 from .fhe.fan_in import FanInConstraint
 from .granularity import NM, Granularity, OutChannel, Weight, get_granularity
 from .schedules import OneShot, Schedule
-from .selection import find_cut
+from .selection import _runs_of, find_cut
 from .structure.cost import MEASURES, UnitCosts, search_sparsity
 from .structure.dependencies import ChannelDependencies, trace_dependencies
 from .structure.units import choose_units, unit_keep_masks, unit_scores
@@ -796,13 +796,10 @@ class _LayerScores:
     def runs(self, starts: torch.Tensor, length: int) -> torch.Tensor:
         """Scores of the ``length`` consecutive units from each of these flat positions, run after run."""
         if not self.direct_magnitude:
-            scores = self(None)
-            return scores.unfold(0, length, 1)[starts.to(scores.device)].reshape(-1)
-        starts = starts.to(self.target.param.device)
-        # Rows of the sliding-window view: each run is copied whole (a few cache lines).
-        units = self.target.param.detach().reshape(-1).unfold(0, length, 1)[starts].reshape(-1).abs().float()
+            return _runs_of(self(None), starts, length)
+        units = _runs_of(self.target.param.detach().reshape(-1), starts, length).abs().float()
         if self.alive is not None:
-            units.masked_fill_(~self.alive.unfold(0, length, 1)[starts].reshape(-1), -math.inf)
+            units.masked_fill_(~_runs_of(self.alive, starts, length), -math.inf)
         return units
 
 
