@@ -287,6 +287,16 @@ def _runs_of(values: torch.Tensor, starts: torch.Tensor, length: int) -> torch.T
     return values.unfold(0, length, 1).index_select(0, starts.to(values.device)).reshape(-1)
 
 
+def _kth_of_side(order: np.ndarray, start: int, stop: int, rank: int) -> float:
+    """The ``rank``-th smallest (0-based) of ``order``, partitioned around ``start − 1`` or ``stop``
+    already; looked for in ``order[start:stop]`` when it lies there (the margin makes it so)."""
+    if not start <= rank < stop:
+        return float(np.partition(order, rank)[rank])
+    side = order[start:stop]
+    side.partition(rank - start)
+    return float(side[rank - start])
+
+
 def _sample_bracket(sample: torch.Tensor, runs: torch.Tensor, layers: torch.Tensor, q: float) -> tuple[float, float]:
     """Scores ``lo ≤ hi`` that very likely bracket the q-quantile of all scores, from a sample taken
     in runs (see :func:`_sample`)."""
@@ -296,7 +306,11 @@ def _sample_bracket(sample: torch.Tensor, runs: torch.Tensor, layers: torch.Tens
     # weights) and layers differ, so estimate it as in stratified cluster sampling, each layer a
     # stratum and each run a cluster: Σ_layers m/(m−1)·Σ_runs (y − p·x)², with y the run's units
     # ≤ the estimated quantile, x its length, p the layer's fraction and m its number of runs.
-    estimate = _kth_smallest(sample, min(n, max(1, round(rank))))
+    # Partitioned in place around the estimate, so lo and hi are then looked for on either side.
+    order = sample.numpy().copy()
+    middle = min(n, max(1, round(rank))) - 1
+    order.partition(middle)
+    estimate = float(order[middle])
     at_most = sample <= estimate
     if n == SAMPLE_RUN * layers.numel():  # every run full length (no layer smaller than a run)
         y = at_most.view(-1, SAMPLE_RUN).sum(1, dtype=torch.float64)
@@ -312,8 +326,8 @@ def _sample_bracket(sample: torch.Tensor, runs: torch.Tensor, layers: torch.Tens
     variance = torch.where(m > 1, squares * m / (m - 1).clamp_min(1), single)
     margin = BRACKET_SIGMAS * math.sqrt(float(variance.sum())) + 8.0
     lo_rank, hi_rank = math.floor(rank - margin), math.ceil(rank + margin)
-    lo = _kth_smallest(sample, lo_rank + 1) if lo_rank >= 0 else -math.inf
-    hi = _kth_smallest(sample, hi_rank + 1) if hi_rank < n else math.inf
+    lo = _kth_of_side(order, 0, middle, lo_rank) if lo_rank >= 0 else -math.inf
+    hi = _kth_of_side(order, middle + 1, n, hi_rank) if hi_rank < n else math.inf
     # Pruned units (−inf) can be many: keep them below the bracket rather than inside it.
     return max(lo, -_LARGEST), min(hi, _LARGEST)
 
