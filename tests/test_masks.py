@@ -209,3 +209,39 @@ def test_masked_parameters_after_prune_matches_pruner_masks(tiny_model):
         assert torch.equal(found[name], mask)
         # Each layer is pruned to exactly half (local scope, "weight" granularity).
         assert int((~mask).sum()) == round(0.5 * mask.numel())
+
+
+# ---------------------------------------------------------------------------- magnitude masks
+
+# Values around a threshold t = 0.25, signed zeros and infinities, all float32-exact.
+magnitude_value = st.one_of(
+    st.sampled_from([0.25, -0.25, 0.0, -0.0, 0.2499999850988388, 0.25000002980232239, math.inf, -math.inf]),
+    st.floats(-1.0, 1.0, width=32),
+)
+
+
+@given(st.lists(magnitude_value, min_size=1, max_size=70), st.sampled_from([0.0, 0.25, 1.0]), st.booleans())
+def test_magnitude_masks_match_comparing(values, threshold, with_buffers):
+    from prunekit.masks import pack_magnitude_above, prune_magnitude
+
+    x = torch.tensor(values, dtype=torch.float32)
+    n = x.numel()
+    spare = torch.tensor([n - 1]) if n > 2 else None
+    expected = x.abs() > threshold
+    if spare is not None:
+        expected[spare] = True
+    buffers = (torch.empty(n + 3), torch.empty(n + 3, dtype=torch.bool), torch.empty(n, dtype=torch.int64))
+    packed = pack_magnitude_above(x, threshold, spare, *(buffers if with_buffers else ()))
+    assert torch.equal(packed, pack_mask(expected))
+    weight = x.clone()
+    packed, keep = prune_magnitude(weight, threshold, spare, *(buffers[1:] if with_buffers else ()))
+    assert torch.equal(packed, pack_mask(expected))
+    assert torch.equal(keep, expected)
+    assert torch.equal(weight, torch.where(expected, x, torch.zeros(())))  # zeroed in place, the rest untouched
+
+
+def test_magnitude_masks_refuse_a_negative_threshold():
+    from prunekit.masks import pack_magnitude_above
+
+    with pytest.raises(ValueError, match="threshold"):
+        pack_magnitude_above(torch.ones(3), -1.0)

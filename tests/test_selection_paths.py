@@ -64,3 +64,28 @@ def test_gradual_masks_match(monkeypatch, criterion):
     for masks_a, masks_b in zip(history_a, history_b):
         for name in masks_a:
             assert torch.equal(masks_a[name], masks_b[name]), name
+
+
+@pytest.mark.parametrize("sort_limit", [None, 0])
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.93])
+def test_global_magnitude_prunes_the_lowest_ties_to_the_earlier(monkeypatch, sort_limit, sparsity):
+    # Many exact ties (weights on a coarse grid, zeros included): the k lowest |w| go, and among
+    # equal |w| the earlier (layer, position) goes first, on both paths, with the weights zeroed
+    # in place and the others untouched.
+    if sort_limit is not None:
+        monkeypatch.setattr(selection, "SORT_LIMIT", sort_limit)
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(40, 64), nn.Linear(64, 30), nn.Linear(30, 8))
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.copy_(torch.randint(-6, 7, layer.weight.shape) / 8.0)
+    before = [layer.weight.detach().clone() for layer in model]
+    pk.prune(model, sparsity, scope="global", min_kept=0)
+    flat = [(float(w.abs()), li, pi) for li, weight in enumerate(before) for pi, w in enumerate(weight.reshape(-1))]
+    k = round(sparsity * len(flat))
+    pruned = {(li, pi) for _, li, pi in sorted(flat)[:k]}
+    for li, layer in enumerate(model):
+        expected = torch.tensor([(li, pi) not in pruned for pi in range(before[li].numel())])
+        expected = expected.reshape(before[li].shape)
+        assert torch.equal(pk.masked_parameters(model)[f"{li}.weight"], expected), li
+        assert torch.equal(layer.weight.detach(), torch.where(expected, before[li], torch.zeros(()))), li

@@ -69,18 +69,68 @@ def unpack_mask(
     return bits.reshape(-1)[:numel].view(torch.bool).reshape(shape)
 
 
-def set_bits(packed: torch.Tensor, positions: torch.Tensor, value: bool) -> None:
-    """Set (``value=True``) or clear the bits of a :func:`pack_mask` tensor at these flat positions (distinct)."""
-    if positions.numel() == 0:
-        return
-    bits = (torch.full_like(positions, 128) >> (positions & 7)).to(torch.uint8)
-    per_byte = torch.zeros_like(packed)
-    # Distinct positions give distinct bits within a byte, so adding them is or-ing them.
-    per_byte.index_put_((positions >> 3,), bits, accumulate=True)
-    if value:
-        packed.bitwise_or_(per_byte)
+def pack_magnitude_above(
+    tensor: torch.Tensor,
+    threshold: float,
+    spare: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+    flags: torch.Tensor | None = None,
+    words: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``pack_mask`` of "|x| > threshold, or x at a flat position in ``spare``", for ``threshold ≥ 0``,
+    in fewer passes than comparing: ``hardshrink`` keeps exactly the entries with |x| > threshold and
+    zeroes the others (so those are the non-zero ones), and converting floats to bool is cheaper than
+    comparing.
+
+    ``scratch`` (float), ``flags`` (bool) and ``words`` (int64, see :func:`pack_mask`), at least as
+    long as needed and on the tensor's device, are used instead of new memory.
+    """
+    flat = _flat_float32(tensor, threshold)
+    n = flat.numel()
+    if _fits(scratch, flat) and _fits(flags, flat):
+        keep = flags[:n].copy_(torch.hardshrink(flat, threshold, out=scratch[:n]))
     else:
-        packed.bitwise_and_(per_byte.bitwise_not_())
+        keep = torch.hardshrink(flat, threshold).bool()
+    if spare is not None:
+        keep[spare] = True
+    return pack_mask(keep, words)
+
+
+def prune_magnitude(
+    tensor: torch.Tensor,
+    threshold: float,
+    spare: torch.Tensor | None = None,
+    flags: torch.Tensor | None = None,
+    words: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero, in place, the entries of a contiguous float32 ``tensor`` with |x| ≤ ``threshold`` (≥ 0),
+    except those at the flat positions ``spare``; return the bit-packed keep-mask (as
+    :func:`pack_magnitude_above` gives it) and the flat bool keep-mask (in ``flags`` when given).
+
+    One fused in-place pass zeroes the weights, and the mask is read off the result: the kept entries
+    are the non-zero ones, plus ``spare``. No mask is unpacked and no comparison is made.
+    """
+    flat = _flat_float32(tensor, threshold)
+    if not flat.is_contiguous() or flat.data_ptr() != tensor.data_ptr():
+        raise ValueError("prune_magnitude needs a contiguous tensor")
+    saved = None if spare is None else flat[spare]
+    torch.hardshrink(flat, threshold, out=flat)
+    if spare is not None:
+        flat[spare] = saved
+    keep = flags[: flat.numel()].copy_(flat) if _fits(flags, flat) else flat.bool()
+    if spare is not None:
+        keep[spare] = True  # a spared weight may be exactly zero
+    return pack_mask(keep, words), keep
+
+
+def _flat_float32(tensor: torch.Tensor, threshold: float) -> torch.Tensor:
+    if threshold < 0 or tensor.dtype != torch.float32:
+        raise ValueError(f"needs a float32 tensor and a threshold ≥ 0, got {tensor.dtype} and {threshold}")
+    return tensor.reshape(-1)
+
+
+def _fits(buffer: torch.Tensor | None, flat: torch.Tensor) -> bool:
+    return buffer is not None and buffer.device == flat.device and buffer.numel() >= flat.numel()
 
 
 def zero_pruned(tensor: torch.Tensor, keep: torch.Tensor) -> None:
@@ -116,10 +166,14 @@ def set_mask(module: nn.Module, param_name: str, keep: torch.Tensor, packed: tor
     param = getattr(module, param_name)
     if keep.shape != param.shape:
         raise ValueError(f"mask shape {tuple(keep.shape)} does not match {param_name} shape {tuple(param.shape)}")
-    packed = pack_mask(keep) if packed is None else packed
-    module.register_buffer(mask_buffer_name(param_name), packed, persistent=False)
+    store_packed(module, param_name, pack_mask(keep) if packed is None else packed)
     with torch.no_grad():
         zero_pruned(param, keep)
+
+
+def store_packed(module: nn.Module, param_name: str, packed: torch.Tensor) -> None:
+    """Store a :func:`pack_mask` mask on the module as it is; the caller zeroes the pruned weights."""
+    module.register_buffer(mask_buffer_name(param_name), packed, persistent=False)
 
 
 def remove_mask(module: nn.Module, param_name: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from .fhe.budget import AccumulatorBudget
 from .fhe.fan_in import FanInConstraint
 from .granularity import NM, Granularity, OutChannel, Weight, get_granularity
 from .schedules import OneShot, Schedule
-from .selection import find_cut
+from .selection import _runs_of, find_cut
 from .structure.cost import MEASURES, UnitCosts, search_sparsity
 from .structure.dependencies import ChannelDependencies, trace_dependencies
 from .structure.units import choose_units, unit_keep_masks, unit_scores
@@ -361,7 +362,7 @@ class Pruner:
             self._prune_to(_final_sparsity(sparsity, self.granularity), None)
 
     def _prune_to(self, sparsity: float, event: int | None, scheduled_at: int | None = None) -> None:
-        new_masks = self._compute_masks(sparsity, scheduled_at)
+        new_masks, magnitude_cuts = self._compute_masks(sparsity, scheduled_at)
         # Everything below mutates the model; all validation is done.
         with torch.no_grad():
             caching = bool(self._keep_cache)
@@ -377,6 +378,7 @@ class Pruner:
                 self._keep_cache.pop(full_name, None)
                 if caching:
                     self._keep_cache[full_name] = keep
+            self._apply_magnitude_cuts(magnitude_cuts, caching)
             if self._rewind_state is not None:
                 self.model.load_state_dict(self._rewind_state, strict=False)
                 self.apply_masks()
@@ -387,19 +389,37 @@ class Pruner:
             self._last_event = event
         self.criterion.finish()
 
+    def _apply_magnitude_cuts(self, magnitude_cuts: dict, caching: bool) -> None:
+        """Prune the weights whose new mask is "|w| > t, plus the protected units" (see
+        :meth:`_compute_masks`): zero them in one fused pass, then pack the mask from the result."""
+        largest = max((getattr(m, p).numel() for m, p, _ in magnitude_cuts), default=0)
+        buffers = _Buffers(largest if largest >= 1 << 16 else 0)
+        for (module, param_name, full_name), (threshold, protected) in magnitude_cuts.items():
+            param = getattr(module, param_name)
+            packed, keep = mask_store.prune_magnitude(
+                param.detach(), threshold, protected, buffers.flags, buffers.words
+            )
+            mask_store.store_packed(module, param_name, packed)
+            self._keep_cache.pop(full_name, None)
+            if caching:
+                self._keep_cache[full_name] = keep.clone().view(param.shape)
+
     # ------------------------------------------------------------------ mask computation
 
-    def _compute_masks(
-        self, sparsity: float, scheduled_at: int | None = None
-    ) -> dict[tuple[nn.Module, str, str], torch.Tensor]:
-        """Bit-packed keep-masks for every parameter whose mask changes; the model is not touched.
-        With ``scheduled_at`` (a step), ``layer_sparsity`` overrides and the fan-in cap follow the schedule
-        too (None: their final values)."""
+    def _compute_masks(self, sparsity: float, scheduled_at: int | None = None) -> tuple[dict, dict]:
+        """New keep-masks; the model is not touched. With ``scheduled_at`` (a step), ``layer_sparsity``
+        overrides and the fan-in cap follow the schedule too (None: their final values).
+
+        Returns ``(masks, magnitude_cuts)``. masks: ``{(module, param_name, full_name): bit-packed mask}``
+        for every parameter whose mask changes, except those in magnitude_cuts, whose new mask is
+        "|w| > t, plus the protected units" as ``{key: (t, protected positions or None)}``: for those,
+        zeroing the weights first and reading the mask off them is cheaper than building it here."""
         self._check_finite()
         self.criterion.prepare(self.model, self.targets)
         result: dict[tuple[nn.Module, str, str], torch.Tensor] = {}
+        magnitude_cuts: dict[tuple[nn.Module, str, str], tuple[float, torch.Tensor | None]] = {}
         if self.dependencies is not None:
-            return self._coupled_masks(sparsity, scheduled_at)
+            return self._coupled_masks(sparsity, scheduled_at), magnitude_cuts
         for layers, layer_sparsity in self._selection_groups(sparsity, scheduled_at):
             if isinstance(self.granularity, NM):
                 for target in layers:
@@ -408,19 +428,25 @@ class Pruner:
             sizes = [_num_units(self.granularity, t) for t in layers]
             score_fns = [self._score_fn(t) for t in layers]
             cut = find_cut(score_fns, sizes, round(layer_sparsity * sum(sizes)), self.min_kept)
-            scratch = None
+            # Reused buffers for large groups: fresh memory per layer would be page-faulted every time.
+            buffers = _Buffers(max(sizes) if sum(sizes) > 1 << 20 else 0)
             for i, target in enumerate(layers):
-                packed = cut.packed_keep(i) if score_fns[i].in_weight_order else None
-                if packed is not None:
+                signed, above = score_fns[i].signed_scores, cut.keeps_above(i)
+                if signed is not None and above is not None and above >= 0:
+                    protected = cut.protected[i]
+                    if self.fan_in is None:  # nothing will look at this mask before it is applied
+                        magnitude_cuts[(target.module, target.param_name, target.full_name)] = (above, protected)
+                        continue
+                    packed = mask_store.pack_magnitude_above(
+                        signed, above, protected, buffers.scores, buffers.flags, buffers.words
+                    )
                     self._add_packed_mask(result, target, packed)
                     continue
-                if scratch is None and sum(sizes) > 1 << 20:
-                    scratch = torch.empty(max(sizes))
-                units = cut.keep(i, score_fns[i](scratch))
+                units = cut.keep(i, score_fns[i](buffers.scores))
                 self._add_mask(result, target, self.granularity.expand(units, target.oik_shape))
         if self.fan_in is not None:
             self.fan_in.apply(self, result, scheduled_at)
-        return result
+        return result, magnitude_cuts
 
     def _resolve_family_sparsity(self, overrides: Mapping[str, float]) -> dict[int, float]:
         """layer_sparsity patterns, matched against the module producing each family of units."""
@@ -739,6 +765,17 @@ class _LayerScores:
         self.direct_magnitude = type(self.criterion) in (Magnitude, L2Magnitude) and self.in_weight_order
         self.alive = pruner._alive_units(target)
 
+    @cached_property
+    def signed_scores(self) -> torch.Tensor | None:
+        """The flat float32 weight when the scores are exactly its absolute values (magnitude per
+        weight, none pruned yet), which lets selection and masking use fused ops on it; else None."""
+        param = self.target.param
+        if not self.direct_magnitude or self.alive is not None or param.dtype != torch.float32:
+            return None
+        if not param.is_contiguous():  # pruning it in place goes through its flat view
+            return None
+        return param.detach().reshape(-1)
+
     def __call__(self, out: torch.Tensor | None) -> torch.Tensor:
         if self.direct_magnitude:
             flat = self.target.param.detach().reshape(-1)
@@ -756,15 +793,35 @@ class _LayerScores:
             units.masked_fill_(~self.alive, -math.inf)
         return units
 
-    def at(self, positions: torch.Tensor) -> torch.Tensor:
-        """Scores of the units at these flat positions only."""
+    def runs(self, starts: torch.Tensor, length: int) -> torch.Tensor:
+        """Scores of the ``length`` consecutive units from each of these flat positions, run after run."""
         if not self.direct_magnitude:
-            return self(None)[positions.to(self.target.param.device)]
-        positions = positions.to(self.target.param.device)
-        units = self.target.param.detach().reshape(-1)[positions].abs().float()
+            return _runs_of(self(None), starts, length)
+        units = _runs_of(self.target.param.detach().reshape(-1), starts, length).abs().float()
         if self.alive is not None:
-            units.masked_fill_(~self.alive[positions], -math.inf)
+            units.masked_fill_(~_runs_of(self.alive, starts, length), -math.inf)
         return units
+
+
+class _Buffers:
+    """Scratch buffers for building the masks of layers up to ``size`` units, reused layer after
+    layer and each allocated when first used; all None when ``size`` is 0 (small models, where
+    fresh memory costs nothing)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    @cached_property
+    def scores(self) -> torch.Tensor | None:
+        return torch.empty(self.size) if self.size else None
+
+    @cached_property
+    def flags(self) -> torch.Tensor | None:
+        return torch.empty(self.size, dtype=torch.bool) if self.size else None
+
+    @cached_property
+    def words(self) -> torch.Tensor | None:
+        return torch.empty((self.size + 7) // 8, dtype=torch.int64) if self.size else None
 
 
 def _num_units(granularity: Granularity, target: Target) -> int:
