@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -114,10 +115,16 @@ def removed_units(dependencies: ChannelDependencies) -> torch.Tensor:
             continue
         keep = mask_store.get_mask(piece.module, piece.tensor_name)
         values = piece.tensor.detach()
-        alive = keep if keep is not None else values != 0
+        size = values.shape[piece.dim]
         if values.device.type == "meta":
-            alive = torch.ones(values.shape, dtype=torch.bool)
-        alive = alive.cpu().movedim(piece.dim, 0).reshape(values.shape[piece.dim], -1).any(dim=1)
+            alive = torch.ones(size, dtype=torch.bool)
+        elif keep is not None:
+            alive = keep.cpu().movedim(piece.dim, 0).reshape(size, -1).any(dim=1)
+        else:
+            # The largest |value| of each index, compared with 0: several times faster than any() over a
+            # bool copy (NaN stays alive, as with != 0).
+            lead = math.prod(values.shape[: piece.dim])
+            alive = values.reshape(lead, size, -1).abs().amax(dim=(0, 2)).cpu() != 0
         units = piece.unit
         has_unit = units >= 0
         gone.scatter_reduce_(0, units[has_unit], ~alive[has_unit], reduce="amin")

@@ -135,7 +135,8 @@ def trace_dependencies(
     flags = {module: module.training for module in model.modules()}
     tracer = ChannelTracer(model, excluded)
     try:
-        model.eval()
+        if any(flags.values()):  # eval() walks every module: skipped when there is nothing to switch
+            model.eval()
         with torch.no_grad(), tracer:
             output = call_model(model, example_inputs)
         if not prune_outputs:
@@ -148,7 +149,8 @@ def trace_dependencies(
     finally:
         tracer.close()
         for module, training in flags.items():
-            module.training = training
+            if module.training != training:
+                module.training = training
     dependencies = _units(model, tracer)
     # A cached value must not hold the model itself, or the weak key would never be released.
     if all(piece.module is not model for piece in dependencies.slices):
@@ -206,11 +208,16 @@ def _misfits(root: torch.Tensor, label: torch.Tensor, outer: tuple[int, ...], in
 def _units(model: nn.Module, tracer: ChannelTracer) -> ChannelDependencies:
     graph = tracer.graph
     root = graph.components()
-    producer_root = torch.zeros(graph.size, dtype=torch.bool)
-    for dim_range in graph.ranges:
-        if dim_range.producer:
-            producer_root[root[dim_range.start : dim_range.start + dim_range.size]] = True
-    removable = producer_root[root] & (root != 0)
+    # Ranges hold consecutive ids from 1 on, in allocation order, so per-range facts reach their ids by
+    # indexing with range_of_id (id 0, PINNED, gets an index of its own): whole-vector operations instead
+    # of a loop over the ranges. Scatters rather than boolean-mask indexing, which is much slower.
+    ranges = graph.ranges
+    sizes = torch.tensor([r.size for r in ranges], dtype=torch.int64)
+    range_of_id = torch.cat([torch.full((1,), len(ranges)), torch.arange(len(ranges)).repeat_interleave(sizes)])
+    is_producer = torch.tensor([r.producer for r in ranges] + [False])
+    producer_id = is_producer[range_of_id]
+    producer_root = torch.zeros(graph.size, dtype=torch.uint8).scatter_reduce_(0, root, producer_id.byte(), "amax")
+    removable = producer_root.bool()[root] & (root != 0)
     # Selections by constant position (x[:, :k]) stay valid only for units that fill the whole dimension.
     for label, dim in tracer.positional:
         positions = root[ids_of(label).clamp(min=0)].masked_fill(label < 0, -1).movedim(dim, 0)
@@ -227,26 +234,31 @@ def _units(model: nn.Module, tracer: ChannelTracer) -> ChannelDependencies:
     for label, outer, inner in tracer.splits:
         removable &= ~torch.isin(root, _misfits(root, label, outer, inner))
     removable[0] = False
-    roots, unit_of_id = torch.unique(root[removable], return_inverse=True)
-    unit = torch.full((graph.size,), -1, dtype=torch.int64)
-    unit[removable] = unit_of_id
-    num_units = int(roots.numel())
+    # Units are numbered by their root (the smallest id in them): a running count over the roots in use
+    # (what torch.unique(..., return_inverse=True) gives, without sorting every id).
+    used_root = torch.zeros(graph.size, dtype=torch.uint8).scatter_reduce_(0, root, removable.byte(), "amax")
+    unit_of_root = torch.cumsum(used_root, dim=0) - 1
+    unit = torch.where(removable, unit_of_root[root], -1)
+    num_units = int(used_root.sum())
 
     # A unit's family is the first layer output (in trace order) that produces it.
-    family = torch.full((num_units,), len(graph.ranges), dtype=torch.int64)
-    producers: list[DimRange] = [r for r in graph.ranges if r.producer]
-    for index, dim_range in enumerate(producers):
-        units = unit[dim_range.start : dim_range.start + dim_range.size]
-        units = units[units >= 0]
-        family.scatter_reduce_(0, units, torch.full_like(units, index), reduce="amin")
-    used, unit_family = torch.unique(family, return_inverse=True)
+    producers: list[DimRange] = [r for r in ranges if r.producer]
+    producer_index = torch.full((len(ranges) + 1,), len(ranges), dtype=torch.int64)
+    producer_index[is_producer] = torch.arange(len(producers))
+    # Ids that produce no unit go to a spare last slot.
+    produced = producer_id & (unit >= 0)
+    family = torch.full((num_units + 1,), len(ranges), dtype=torch.int64)
+    family.scatter_reduce_(0, torch.where(produced, unit, num_units), producer_index[range_of_id], reduce="amin")
+    used, unit_family = torch.unique(family[:num_units], return_inverse=True)
     families = [producers[i].tensor_name for i in used.tolist()]
 
     slices = []
     modules = dict(model.named_modules(remove_duplicate=False))
-    for dim_range in graph.ranges:
+    has_unit = (unit >= 0).byte()
+    range_has_unit = torch.zeros(len(ranges) + 1, dtype=torch.uint8).scatter_reduce_(0, range_of_id, has_unit, "amax")
+    for dim_range, has_unit in zip(ranges, range_has_unit.tolist()):
         units = unit[dim_range.start : dim_range.start + dim_range.size].clone()
-        if bool((units >= 0).any()):
+        if has_unit:
             module = modules[dim_range.owner]
             slices.append(
                 Slice(

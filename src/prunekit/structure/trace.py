@@ -42,8 +42,10 @@ class UnsupportedOperationError(RuntimeError):
 
 
 def encode(ids: torch.Tensor, zero_ok: bool | torch.Tensor) -> torch.Tensor:
-    label = ids * 2 + (zero_ok.long() if isinstance(zero_ok, torch.Tensor) else int(bool(zero_ok)))
-    return torch.where(ids >= 0, label, torch.full_like(label, NONE))
+    label = ids * 2
+    label += zero_ok if isinstance(zero_ok, torch.Tensor) else int(bool(zero_ok))
+    # A negative id gives 2·id + z ≤ −1: clamping maps it to NONE (one call, where torch.where needs three).
+    return label.clamp_min_(NONE)
 
 
 def ids_of(label: torch.Tensor) -> torch.Tensor:
@@ -110,6 +112,20 @@ _REVERSED = {"radd": "add", "rmul": "mul", "rsub": "rsub", "rtruediv": "rtruediv
 
 def op_name(func: Callable) -> str:
     """A canonical name: ``x += y`` and ``torch.add`` are both ``add``, ``x.T`` is ``property:T``."""
+    try:
+        return _OP_NAMES[func]
+    except KeyError:
+        name = _OP_NAMES[func] = _op_name(func)
+    except TypeError:  # an unhashable callable
+        name = _op_name(func)
+    return name
+
+
+# The tracer asks for the name of every call it sees; the same few functions come back every time.
+_OP_NAMES: dict[Callable, str] = {}
+
+
+def _op_name(func: Callable) -> str:
     name = getattr(func, "__name__", "") or ""
     if name == "__get__":
         return "property:" + getattr(getattr(func, "__self__", None), "__name__", "?")
@@ -206,18 +222,35 @@ class ChannelTracer(TorchFunctionMode):
         if not isinstance(tensor, torch.Tensor):
             return None
         found = self.labels.get(tensor)
-        if found is not None or not isinstance(tensor, nn.Parameter) or self.owner(tensor) is None:
+        if found is not None:
             return found
-        # A parameter used outside a layer (a position embedding, a layer scale, a bias table): its channels
-        # are its last dimension longer than 1.
-        dims = [d for d in range(tensor.ndim) if tensor.shape[d] > 1]
-        if not dims:
+        dim = self._parameter_channel_dim(tensor)
+        if dim is None:
             return None
-        dim = dims[-1]
         ids = self.param_ids(tensor, dim)
         shape = [1] * tensor.ndim
         shape[dim] = -1
         return encode(ids, True).reshape(shape).expand(tuple(tensor.shape))
+
+    def _parameter_channel_dim(self, tensor: torch.Tensor) -> int | None:
+        """A parameter used outside a layer (a position embedding, a layer scale, a bias table): its channels
+        are its last dimension longer than 1 (None for anything else)."""
+        if not isinstance(tensor, nn.Parameter) or self.owner(tensor) is None:
+            return None
+        dims = [d for d in range(tensor.ndim) if tensor.shape[d] > 1]
+        return dims[-1] if dims else None
+
+    def has_label(self, tensor: Any) -> bool:
+        """``self.label(tensor) is not None`` (with the same ids allocated), without building the label."""
+        if not isinstance(tensor, torch.Tensor):
+            return False
+        if self.labels.get(tensor) is not None:
+            return True
+        dim = self._parameter_channel_dim(tensor)
+        if dim is None:
+            return False
+        self.param_ids(tensor, dim)
+        return True
 
     def full_label(self, tensor: torch.Tensor) -> torch.Tensor:
         found = self.label(tensor)
@@ -238,19 +271,14 @@ class ChannelTracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = op_name(func)
-        before = None
-        if name in ("setitem", "copy") and not self.opaque_depth:
-            before = self.full_label(args[0]).clone()
+        if name in ("setitem", "copy"):
+            return self._write_call(name, func, args, kwargs)
         out = func(*args, **kwargs)
         if self.opaque_depth:
             return out
-        inputs = [t for t in tensor_leaves((args, kwargs)) if self.label(t) is not None]
-        if not inputs:
-            if name in ("setitem", "copy"):
-                self.set_label(args[0], None)
-            return out
-        if name in ("setitem", "copy"):
-            self._write(name, args, kwargs, before)
+        # has_label on every input, not just up to the first labelled one: it gives a parameter its ids
+        # as label() would, so ids are allocated in the same order whatever the call returns.
+        if not any([self.has_label(t) for t in tensor_leaves((args, kwargs))]):
             return out
         if not any(_is_float_tensor(t) for t in tensor_leaves(out)):
             return out
@@ -264,6 +292,18 @@ class ChannelTracer(TorchFunctionMode):
                 f"({type(error).__name__}: {error}); exclude that module (exclude=[{self.where!r}]) to leave it "
                 "unpruned, or report the operation"
             ) from error
+        return out
+
+    def _write_call(self, name, func, args, kwargs):
+        """``x[i] = y`` and ``x.copy_(y)``: the labels of ``x`` before the write are needed after it."""
+        before = None if self.opaque_depth else self.full_label(args[0]).clone()
+        out = func(*args, **kwargs)
+        if self.opaque_depth:
+            return out
+        if any([self.has_label(t) for t in tensor_leaves((args, kwargs))]):
+            self._write(name, args, kwargs, before)
+        else:
+            self.set_label(args[0], None)
         return out
 
     def _rule(self, name, func, args, kwargs, out) -> None:
@@ -504,6 +544,8 @@ class ChannelTracer(TorchFunctionMode):
             return label
         full = [1 if d in dims else size for d, size in enumerate(label.shape)]
         label = _unbroadcast(label)  # a broadcast dimension is constant by construction
+        if all(label.shape[d] == 1 for d in dims):  # the usual case: a layer's output, broadcast over pixels
+            return label.expand(full)
         low = label.amin(dim=dims, keepdim=True)
         high = label.amax(dim=dims, keepdim=True)
         constant = low == high
@@ -559,8 +601,9 @@ class ChannelTracer(TorchFunctionMode):
         dim = dim % label.ndim
         per_index = self._constant_along(label, tuple(d for d in range(label.ndim) if d != dim)).reshape(-1)
         channel = ids_of(per_index)
-        # A channel that is not zero where it is pruned changes the layer's output: it must stay.
-        self.graph.pin(channel[(channel >= 0) & ~zero_ok_of(per_index)])
+        # A channel that is not zero where it is pruned changes the layer's output: it must stay. (Even
+        # labels are the channels that are not zero-preserving; NONE is odd, and pin ignores negative ids.)
+        self.graph.pin(torch.where(per_index & 1 == 0, channel, NONE))
         if ids is None:
             self.graph.pin(channel)
         else:
@@ -829,7 +872,33 @@ def tensor_leaves(tree: Any) -> list[torch.Tensor]:
         return [tree]
     if hasattr(tree, "to_tuple") and callable(tree.to_tuple):  # Hugging Face ModelOutput
         tree = tree.to_tuple()
-    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+    found: list[torch.Tensor] = []
+    _collect_tensors(tree, found)
+    return found
+
+
+# Values that hold no tensor: an operation's arguments are mostly these, and telling them apart here
+# is much cheaper than a pytree traversal.
+_PLAIN = (int, float, bool, complex, str, bytes, type(None), type(Ellipsis), slice, torch.Size, torch.dtype,
+          torch.device, torch.layout, torch.memory_format)  # fmt: skip
+
+
+def _collect_tensors(tree: Any, found: list[torch.Tensor]) -> None:
+    """The tensors of ``pytree.tree_leaves(tree)``, in that order: plain lists, tuples and dicts are walked
+    here, anything else pytree knows (named tuples, ordered dicts, registered classes) goes to pytree."""
+    kind = type(tree)
+    if kind is tuple or kind is list:
+        for item in tree:
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+            elif not isinstance(item, _PLAIN):
+                _collect_tensors(item, found)
+    elif kind is dict:
+        _collect_tensors(list(tree.values()), found)
+    elif isinstance(tree, torch.Tensor):
+        found.append(tree)
+    elif not isinstance(tree, _PLAIN):
+        found.extend(leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor))
 
 
 def _bind(args: tuple, kwargs: dict, names: tuple[str, ...]) -> list[Any]:
