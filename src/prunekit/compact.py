@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import masks as mask_store
-from .structure.dependencies import ChannelDependencies, call_model, trace_dependencies
+from .structure.dependencies import ChannelDependencies, call_model, trace_with_output
 from .structure.trace import tensor_leaves
 from .targets import LayerSelector
 
@@ -63,10 +63,14 @@ def compact(
     The returned model carries no prunekit masks (its pruned weights are gone); its ``prunekit_plan``
     attribute holds the plan, which :func:`save_pruned` stores.
     """
-    dependencies = trace_dependencies(model, example_inputs, exclude=exclude, prune_outputs=prune_outputs)
+    dependencies, traced = trace_with_output(model, example_inputs, exclude, prune_outputs)
     pruned_units = removed_units(dependencies)
     plan = _plan(dependencies, pruned_units)
-    reference = _run(model, example_inputs) if check else None
+    reference = None
+    if check:
+        # A trace made just now ran the model as it is (eval mode, no gradients): its output is the
+        # reference, with no second run. A cached trace is older than the masks, so the model runs again.
+        reference = _run(model, example_inputs) if traced is None else _float_leaves(traced)
     small = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for module in small.modules():
@@ -108,8 +112,10 @@ def removed_units(dependencies: ChannelDependencies) -> torch.Tensor:
     """Bool per unit: True when the unit's channels are zero: every parameter slice that makes them
     (filters, biases, norm weights) is pruned, i.e. masked, or all zeros where the parameter has no mask.
     Input columns that read the channels and buffers (running statistics) do not count: they go with it."""
-    gone = torch.ones(dependencies.num_units, dtype=torch.bool)
-    seen = torch.zeros(dependencies.num_units, dtype=torch.bool)
+    # One spare slot at the end takes the indices in no unit (a where instead of boolean-mask indexing).
+    spare = dependencies.num_units
+    gone = torch.ones(spare + 1, dtype=torch.bool)
+    seen = torch.zeros(spare + 1, dtype=torch.bool)
     for piece in dependencies.slices:
         if piece.tensor_name not in piece.module._parameters or piece.consumer:
             continue
@@ -125,11 +131,10 @@ def removed_units(dependencies: ChannelDependencies) -> torch.Tensor:
             # bool copy (NaN stays alive, as with != 0).
             lead = math.prod(values.shape[: piece.dim])
             alive = values.reshape(lead, size, -1).abs().amax(dim=(0, 2)).cpu() != 0
-        units = piece.unit
-        has_unit = units >= 0
-        gone.scatter_reduce_(0, units[has_unit], ~alive[has_unit], reduce="amin")
-        seen[units[has_unit]] = True
-    return gone & seen
+        units = torch.where(piece.unit >= 0, piece.unit, spare)
+        gone.scatter_reduce_(0, units, ~alive, reduce="amin")
+        seen.index_fill_(0, units, True)
+    return (gone & seen)[:spare]
 
 
 def _plan(dependencies: ChannelDependencies, pruned_units: torch.Tensor) -> dict[str, Any]:
@@ -277,14 +282,16 @@ def update_attention_attributes(module: nn.Module) -> None:
                 setattr(module, name, key.out_features // head_dim)
 
 
+def _float_leaves(output: Any) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in tensor_leaves(output) if t.is_floating_point()]
+
+
 def _run(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
     flags = {module: module.training for module in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
-            return [
-                t.detach().clone() for t in tensor_leaves(call_model(model, example_inputs)) if t.is_floating_point()
-            ]
+            return _float_leaves(call_model(model, example_inputs))
     finally:
         for module, training in flags.items():
             module.training = training

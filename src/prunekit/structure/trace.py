@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -156,26 +157,35 @@ class ChannelTracer(TorchFunctionMode):
         self.graph = ChannelGraph()
         self.labels: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.owners: dict[int, tuple[str, str, torch.Tensor]] = {}
-        for module_name, module in model.named_modules(remove_duplicate=False):
+        #: (name, module) of every module, shared ones under each name (walked once: models have hundreds).
+        self.named_modules = list(model.named_modules(remove_duplicate=False))
+        for module_name, module in self.named_modules:
             for kind in (module._parameters, module._buffers):
                 for tensor_name, tensor in kind.items():
                     if tensor is not None and id(tensor) not in self.owners:
                         self.owners[id(tensor)] = (module_name, tensor_name, tensor)
         self.excluded = {id(m) for m in excluded}
-        self.module_names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+        self.module_names = {id(m): name for name, m in self.named_modules}
+        self._modules = {id(m): m for _, m in self.named_modules}
         self.stack: list[str] = []
         self.opaque_depth = 0
         self._zero_test_cache: dict[Any, bool] = {}
+        # Parameter lookups repeat every time a layer runs: (id, dim, size, producer, consumer) -> ids.
+        self._param_ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         #: (input labels, dim) of every selection by position (x[:, :k], narrow, split with sizes, ...):
         #: a unit that fills only part of that dimension must stay, since the positions are constants.
         self.positional: list[tuple[torch.Tensor, int]] = []
         #: (output labels, outer dims, inner dims) of every reshape that split one dimension in several
         #: (heads from a projection, groups in a channel shuffle), checked once units are known.
         self.splits: list[tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]] = []
+        # Hooks only where they are needed: on the excluded modules. A hook on every module would make each
+        # module call take torch's slow path; the module an error message names is found from the Python
+        # frames instead (see where).
         self._handles = []
-        for module in model.modules():
-            self._handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._leave, with_kwargs=True, always_call=True))
+        for module in self._modules.values():
+            if id(module) in self.excluded:
+                self._handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._leave, with_kwargs=True, always_call=True))
 
     # -------------------------------------------------------------- module bookkeeping
 
@@ -205,6 +215,13 @@ class ChannelTracer(TorchFunctionMode):
 
     @property
     def where(self) -> str:
+        """The name of the innermost module of the model whose code is running (for messages)."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            module = frame.f_locals.get("self")
+            if module is not None and self._modules.get(id(module)) is module:
+                return self.module_names[id(module)] or "<the model's own forward>"
+            frame = frame.f_back
         return self.stack[-1] if self.stack and self.stack[-1] else "<the model's own forward>"
 
     # -------------------------------------------------------------- labels
@@ -214,8 +231,14 @@ class ChannelTracer(TorchFunctionMode):
         return None if found is None or found[2] is not tensor else found[:2]
 
     def param_ids(self, tensor: torch.Tensor, dim: int, producer: bool = False, consumer: bool = False) -> torch.Tensor:
+        key = (id(tensor), dim, tensor.shape[dim], producer, consumer)
+        found = self._param_ids.get(key)
+        if found is not None and found[0] is tensor:  # the same call again: nothing new to record
+            return found[1]
         owner, name = self.owner(tensor)
-        return self.graph.ids(owner, name, dim % tensor.ndim, tensor.shape[dim], producer, consumer)
+        ids = self.graph.ids(owner, name, dim % tensor.ndim, tensor.shape[dim], producer, consumer)
+        self._param_ids[key] = (tensor, ids)
+        return ids
 
     def label(self, tensor: Any) -> torch.Tensor | None:
         """The label tensor of an activation or parameter (None for plain data)."""
@@ -235,7 +258,7 @@ class ChannelTracer(TorchFunctionMode):
     def _parameter_channel_dim(self, tensor: torch.Tensor) -> int | None:
         """A parameter used outside a layer (a position embedding, a layer scale, a bias table): its channels
         are its last dimension longer than 1 (None for anything else)."""
-        if not isinstance(tensor, nn.Parameter) or self.owner(tensor) is None:
+        if self.owner(tensor) is None or not isinstance(tensor, nn.Parameter):
             return None
         dims = [d for d in range(tensor.ndim) if tensor.shape[d] > 1]
         return dims[-1] if dims else None
@@ -256,10 +279,12 @@ class ChannelTracer(TorchFunctionMode):
         found = self.label(tensor)
         return torch.full(tuple(tensor.shape), NONE, dtype=torch.int64) if found is None else found
 
-    def set_label(self, tensor: Any, label: torch.Tensor | None) -> None:
+    def set_label(self, tensor: Any, label: torch.Tensor | None, has_channels: bool = False) -> None:
+        """Record ``tensor``'s labels (forgotten when None or all plain data); ``has_channels`` says the
+        caller knows some entry holds a channel (saves the test)."""
         if not _is_float_tensor(tensor):
             return
-        if label is None or not bool((_unbroadcast(label) >= 0).any()):
+        if label is None or not ((has_channels and label.numel()) or bool((_unbroadcast(label) >= 0).any())):
             self.labels.pop(tensor, None)
             return
         if tuple(label.shape) != tuple(tensor.shape):
@@ -464,14 +489,14 @@ class ChannelTracer(TorchFunctionMode):
     # -------------------------------------------------------------- elementwise
 
     def _elementwise(self, name, func, args, kwargs, out) -> None:
-        tensors = [a for a in _leaves(list(args)) if _is_float_tensor(a)]
+        tensors = [a for a in tensor_leaves(list(args)) if _is_float_tensor(a)]
         scalars = [a for a in args[:2] if isinstance(a, (int, float)) and not isinstance(a, bool)]
         shape = tuple(out.shape)
         labelled = [t for t in tensors if self.label(t) is not None]
         if len(labelled) == 1:
             # One channel-carrying operand (activation functions, scaling, adding a constant): nothing to
             # couple, and the result keeps its labels, zero-preserving or not.
-            label = self.label(labelled[0]).expand(shape)
+            label = self.label(labelled[0]).expand(shape)  # a stored label (or a parameter's): has channels
             if name in _PRODUCT_LIKE:
                 keeps = True
             elif name in _QUOTIENT_LIKE:
@@ -480,7 +505,7 @@ class ChannelTracer(TorchFunctionMode):
                 keeps = len(tensors) == 1 and all(value == 0 for value in scalars)
             else:
                 keeps = self._keeps_zero(func, args, kwargs)
-            self.set_label(out, label if keeps else torch.where(label >= 0, label & ~1, label))
+            self.set_label(out, label if keeps else torch.where(label >= 0, label & ~1, label), has_channels=True)
             return
         labels = [self.full_label(t).expand(shape) for t in tensors]
         # Work on one slice of the dimensions every operand broadcasts over, and broadcast the result.
@@ -489,8 +514,7 @@ class ChannelTracer(TorchFunctionMode):
         shape = tuple(labels[0].shape) if labels else shape
         ids = torch.stack([ids_of(label) for label in labels])
         first = ids.amax(dim=0)  # any member will do: they are joined just below
-        for row in ids:
-            self.graph.join(first, row)
+        self.graph.join(first.expand_as(ids), ids)
         zero = torch.stack([zero_ok_of(label) for label in labels])
         if name in _PRODUCT_LIKE:
             zero_ok = zero.any(dim=0)
@@ -601,9 +625,8 @@ class ChannelTracer(TorchFunctionMode):
         dim = dim % label.ndim
         per_index = self._constant_along(label, tuple(d for d in range(label.ndim) if d != dim)).reshape(-1)
         channel = ids_of(per_index)
-        # A channel that is not zero where it is pruned changes the layer's output: it must stay. (Even
-        # labels are the channels that are not zero-preserving; NONE is odd, and pin ignores negative ids.)
-        self.graph.pin(torch.where(per_index & 1 == 0, channel, NONE))
+        # A channel that is not zero where it is pruned changes the layer's output: it must stay.
+        self.graph.pin_labels(per_index)
         if ids is None:
             self.graph.pin(channel)
         else:
@@ -635,7 +658,7 @@ class ChannelTracer(TorchFunctionMode):
         self.consume(self.label(x), -1, self.param_ids(weight, 1, consumer=True))
         out_ids = self.param_ids(weight, 0, producer=True)
         self._join_param(bias, 0, out_ids)
-        self.set_label(out, self.produce(tuple(out.shape), -1, out_ids))
+        self.set_label(out, self.produce(tuple(out.shape), -1, out_ids), has_channels=True)
 
     def _conv(self, x, weight, bias, stride, padding, dilation, groups, out) -> None:
         groups = 1 if groups is None else int(groups)
@@ -661,7 +684,7 @@ class ChannelTracer(TorchFunctionMode):
             channel = ids_of(label.movedim(channel_dim, 0).reshape(label.shape[channel_dim], -1).amax(dim=1))
             self.graph.pin(per_input[channel < 0])
         self._join_param(bias, 0, out_ids)
-        self.set_label(out, self.produce(tuple(out.shape), channel_dim, out_ids))
+        self.set_label(out, self.produce(tuple(out.shape), channel_dim, out_ids), has_channels=True)
 
     def _conv_transpose(self, args, kwargs, out) -> None:
         x, weight, bias = _bind(args, kwargs, ("input", "weight", "bias"))
@@ -675,7 +698,7 @@ class ChannelTracer(TorchFunctionMode):
         self.consume(self.label(x), channel_dim, self.param_ids(weight, 0, consumer=True))
         out_ids = self.param_ids(weight, 1, producer=True)
         self._join_param(bias, 0, out_ids)
-        self.set_label(out, self.produce(tuple(out.shape), channel_dim, out_ids))
+        self.set_label(out, self.produce(tuple(out.shape), channel_dim, out_ids), has_channels=True)
 
     def _batch_norm(self, name, args, kwargs, out) -> None:
         x, mean, var, weight, bias = _bind(args, kwargs, ("input", "running_mean", "running_var", "weight", "bias"))
@@ -727,7 +750,7 @@ class ChannelTracer(TorchFunctionMode):
             self.consume(self.label(a), -1, self.param_ids(b, 0, consumer=True))
             out_ids = self.param_ids(b, 1, producer=True)
             self._join_param(bias, 0, out_ids)
-            self.set_label(out, self.produce(tuple(out.shape), -1, out_ids))
+            self.set_label(out, self.produce(tuple(out.shape), -1, out_ids), has_channels=True)
             return
         if self.owner(a) is not None and a.ndim == 2:  # W @ x
             self.consume(self.label(b), -2 if b.ndim > 1 else 0, self.param_ids(a, 1, consumer=True))
@@ -829,7 +852,7 @@ class ChannelTracer(TorchFunctionMode):
 
 def _broadcast_dims(label: torch.Tensor) -> list[int]:
     """Dimensions along which a (broadcast) label tensor repeats one slice: stride 0, size > 1."""
-    return [d for d in range(label.ndim) if label.stride(d) == 0 and label.shape[d] > 1]
+    return [d for d, (stride, size) in enumerate(zip(label.stride(), label.shape)) if stride == 0 and size > 1]
 
 
 def _narrow(label: torch.Tensor, dims: Iterable[int]) -> torch.Tensor:

@@ -23,7 +23,8 @@ def unit_scores(
     reduce: str,
 ) -> torch.Tensor:
     """One float64 score per unit; ``element_scores[tensor full name]()`` gives a weight's element scores."""
-    total = torch.zeros(dependencies.num_units, dtype=torch.float64)
+    spare = dependencies.num_units  # a last slot for the indices in no unit (cheaper than masking them out)
+    total = torch.zeros(spare + 1, dtype=torch.float64)
     cache: dict[str, torch.Tensor] = {}
     for piece in dependencies.slices:
         make = element_scores.get(piece.full_name)
@@ -33,8 +34,8 @@ def unit_scores(
             cache[piece.full_name] = make().detach()
         scores = cache[piece.full_name]
         per_index = _per_index(scores, piece.dim, reduce)
-        has_unit = piece.unit >= 0
-        total.index_add_(0, piece.unit[has_unit], per_index.cpu()[has_unit])
+        total.index_add_(0, torch.where(piece.unit >= 0, piece.unit, spare), per_index.cpu())
+    total = total[:spare]
     return total.sqrt() if reduce == "l2" else total
 
 
