@@ -856,9 +856,13 @@ def _broadcast_dims(label: torch.Tensor) -> list[int]:
 
 
 def _narrow(label: torch.Tensor, dims: Iterable[int]) -> torch.Tensor:
-    for dim in dims:
-        label = label.narrow(dim, 0, 1)
-    return label
+    """The first slice along each of ``dims`` (size 1 there): one strided view, where a narrow() per
+    dimension costs a call each."""
+    dims = set(dims)
+    if not dims:
+        return label
+    shape = [1 if d in dims else size for d, size in enumerate(label.shape)]
+    return label.as_strided(shape, label.stride(), label.storage_offset())
 
 
 def _unbroadcast(label: torch.Tensor) -> torch.Tensor:
