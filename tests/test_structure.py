@@ -457,7 +457,7 @@ def test_compaction_equals_masked_model_on_random_mlps(widths, sparsity, scope, 
     assert _params(small) <= _params(model)
 
 
-def test_multihead_attention_is_left_whole_and_the_rest_still_prunes():
+def test_multihead_attention_loses_whole_heads_and_the_rest_still_prunes():
     class Encoder(nn.Module):
         def __init__(self):
             super().__init__()
@@ -473,9 +473,9 @@ def test_multihead_attention_is_left_whole_and_the_rest_still_prunes():
     model = Encoder().eval()
     x = torch.randn(2, 5, 6)
     deps = trace_dependencies(model, x)
-    assert deps.num_units == 32  # only the MLP's hidden neurons
+    assert deps.num_units == 16 + 4 + 32  # the residual stream, the 4 heads, the MLP's hidden neurons
     _, small, masked, compacted = _prune_and_compact(model, x)
-    assert small.attention.embed_dim == 16 and small.up.out_features == 16
+    assert small.attention.embed_dim == 8 and small.attention.num_heads == 2 and small.up.out_features == 16
     _assert_close(masked, compacted)
 
 

@@ -155,7 +155,16 @@ def test_to_dict_keys_and_values():
     model = tiny()
     zero_some(model)
     d = pk.summary(model, example_inputs=torch.randn(1, 3, 8, 8)).to_dict()
-    assert set(d) == {"total_params", "nonzero_params", "sparsity", "compression", "macs", "nonzero_macs", "layers"}
+    assert set(d) == {
+        "total_params",
+        "nonzero_params",
+        "sparsity",
+        "compression",
+        "macs",
+        "nonzero_macs",
+        "layers",
+        "notes",
+    }
     assert d["total_params"] == 837
     assert d["nonzero_params"] == 449
     assert d["macs"] == 4608

@@ -18,6 +18,7 @@ from . import bench, data, fhe
 from .compact import CompactionError, apply_plan, compact, load_pruned, save_pruned
 from .criteria import Criterion, Custom, Gradient, L2Magnitude, Magnitude, Movement, Random
 from .granularity import NM, Block, Granularity
+from .hf import from_pretrained
 from .masks import masked_parameters
 from .pruner import Pruner, prune
 from .schedules import Gradual, Iterative, OneShot, Schedule, epochs_to_steps
@@ -56,6 +57,7 @@ __all__ = [
     "data",
     "epochs_to_steps",
     "fhe",
+    "from_pretrained",
     "masked_parameters",
     "prune",
     "summary",

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from . import hf
 from . import masks as mask_store
+from .attention import shrink_multihead_attention
 from .structure.dependencies import ChannelDependencies, call_model, trace_with_output
 from .structure.trace import tensor_leaves
 from .targets import LayerSelector
@@ -61,11 +63,17 @@ def compact(
             differs by more than ``tolerance`` × the largest absolute output value.
 
     The returned model carries no prunekit masks (its pruned weights are gone); its ``prunekit_plan``
-    attribute holds the plan, which :func:`save_pruned` stores.
+    attribute holds the plan, which :func:`save_pruned` stores. A Hugging Face ``PreTrainedModel``'s
+    ``config`` is updated to describe the compacted model where every layer has the same size, and holds
+    the plan and the original sizes in a ``prunekit`` entry (see :mod:`prunekit.hf`), so
+    ``save_pretrained`` / ``from_pretrained`` or :func:`prunekit.from_pretrained` round-trip it.
     """
     dependencies, traced = trace_with_output(model, example_inputs, exclude, prune_outputs)
     pruned_units = removed_units(dependencies)
     plan = _plan(dependencies, pruned_units)
+    # A Hugging Face model loaded with plain from_pretrained has its earlier plan only in its config
+    # (read, and checked to be prunekit's, before anything changes).
+    earlier_plan = getattr(model, "prunekit_plan", None) or hf.saved_plan(model)
     reference = None
     if check:
         # A trace made just now ran the model as it is (eval mode, no gradients): its output is the
@@ -80,7 +88,8 @@ def compact(
                     mask_store.zero_pruned(module._parameters[param_name], keep)
                     mask_store.remove_mask(module, param_name)
     apply_plan(small, plan)
-    small.prunekit_plan = _compose(getattr(model, "prunekit_plan", None), plan)
+    small.prunekit_plan = _compose(earlier_plan, plan)
+    hf.record_in_config(small, small.prunekit_plan)
     if check:
         try:
             result = _run(small, example_inputs)
@@ -208,7 +217,9 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
         update_shape_attributes(module)
     changed_ids = {id(m) for m in changed}
     for module in model.modules():
-        if any(id(child) in changed_ids for child in module.children()):
+        if isinstance(module, nn.MultiheadAttention):
+            shrink_multihead_attention(module)
+        elif any(id(child) in changed_ids for child in module.children()):
             update_attention_attributes(module)
     return model
 
@@ -251,35 +262,80 @@ def update_shape_attributes(module: nn.Module) -> None:
 _HEAD_DIM = ("head_dim", "key_value_proj_dim", "attention_head_size", "d_kv", "dim_head")
 _HEAD_COUNT = ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads")
 _KV_HEAD_COUNT = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
-_HEADS_WIDTH = ("all_head_size", "inner_dim")
-_QUERY = ("q_proj", "q", "query", "q_lin", "to_q")
+_HEADS_WIDTH = ("all_head_size", "inner_dim", "attn_dim")
+_QUERY = ("q_proj", "q", "query", "q_lin", "to_q", "q_attn")
 _KEY = ("k_proj", "k", "key", "k_lin", "to_k")
+
+
+def projection_width(layer: Any) -> int | None:
+    """Output width of a projection: an ``nn.Linear``, or Hugging Face's ``Conv1D`` (GPT-2), whose weight
+    is stored (in, out)."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    if type(layer).__name__ == "Conv1D" and isinstance(getattr(layer, "weight", None), torch.Tensor):
+        return layer.weight.shape[1]
+    return None
+
+
+def attention_head_counts(module: nn.Module) -> tuple[int, int | None, int] | None:
+    """``(query heads, key/value heads or None, head size)`` of an attention module written in the
+    Hugging Face / timm style (a head-size attribute next to query/key projections, or one fused
+    projection computing q, k and v), counted from its projections' current widths; None for any
+    other module."""
+    head_dim = next((getattr(module, a) for a in _HEAD_DIM if isinstance(getattr(module, a, None), int)), None)
+    if not head_dim:
+        return None
+    query = next((getattr(module, n) for n in _QUERY if projection_width(getattr(module, n, None))), None)
+    key = next((getattr(module, n) for n in _KEY if projection_width(getattr(module, n, None))), None)
+    fused = getattr(module, "qkv", None) or getattr(module, "c_attn", None)  # timm's qkv, GPT-2's c_attn
+    fused_width = projection_width(fused)
+    if query is not None:
+        width = projection_width(query)
+    elif fused_width:
+        width = fused_width // 3
+    else:
+        return None
+    if width % head_dim:
+        return None
+    if key is not None:
+        key_width = projection_width(key)
+    elif fused_width and query is not None:
+        key_width = fused_width // 2  # GPT-2 cross-attention: q_attn makes q, c_attn makes k and v
+    else:
+        key_width = None
+    kv_heads = key_width // head_dim if key_width and key_width % head_dim == 0 else None
+    return width // head_dim, kv_heads, head_dim
 
 
 def update_attention_attributes(module: nn.Module) -> None:
     """Attention modules written in the Hugging Face / timm style keep their head counts in attributes
-    (``num_heads``, ``all_head_size``, ...) next to a fixed head size: recount them from the query and
-    key projections after heads were removed."""
-    head_dim = next((getattr(module, a) for a in _HEAD_DIM if isinstance(getattr(module, a, None), int)), None)
-    query = next((getattr(module, n) for n in _QUERY if isinstance(getattr(module, n, None), nn.Linear)), None)
-    fused = getattr(module, "qkv", None)  # timm: one Linear computing q, k and v
-    if not head_dim or (query is None and not isinstance(fused, nn.Linear)):
+    next to a fixed head size: recount them from the query and key projections after heads were removed.
+
+    Updated where the module has them: the query head count (``num_heads``, ``num_attention_heads``,
+    ``n_head``, ``n_heads``: BERT, ViT, GPT-2, T5, timm), the key/value head count
+    (``num_key_value_heads``), the width of all heads together (``all_head_size``: BERT; ``inner_dim``:
+    T5), the query heads per key/value head (``num_key_value_groups``: LLaMA, whose grouped-query
+    attention repeats each key/value head that often), and GPT-2's ``split_size`` (the width at which
+    its fused ``c_attn`` output is split into q, k and v)."""
+    counts = attention_head_counts(module)
+    if counts is None:
         return
-    width = query.out_features if query is not None else fused.out_features // 3
-    if width % head_dim:
-        return
-    heads = width // head_dim
+    heads, kv_heads, head_dim = counts
+    width = heads * head_dim
     for name in _HEAD_COUNT:
         if isinstance(getattr(module, name, None), int) and not isinstance(getattr(module, name), bool):
             setattr(module, name, heads)
     for name in _HEADS_WIDTH:
         if isinstance(getattr(module, name, None), int):
             setattr(module, name, width)
-    key = next((getattr(module, n) for n in _KEY if isinstance(getattr(module, n, None), nn.Linear)), None)
-    if key is not None and key.out_features % head_dim == 0:
+    if isinstance(getattr(module, "split_size", None), int):
+        module.split_size = width
+    if kv_heads:
         for name in _KV_HEAD_COUNT:
             if isinstance(getattr(module, name, None), int):
-                setattr(module, name, key.out_features // head_dim)
+                setattr(module, name, kv_heads)
+        if isinstance(getattr(module, "num_key_value_groups", None), int) and heads % kv_heads == 0:
+            module.num_key_value_groups = heads // kv_heads
 
 
 def _float_leaves(output: Any) -> list[torch.Tensor]:
@@ -372,6 +428,7 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     state._metadata = plan.pop("state_metadata", {})
     model.load_state_dict(state, strict=True)
     model.prunekit_plan = plan
+    hf.record_in_config(model, plan)
     return model
 
 

@@ -83,24 +83,17 @@ def set_bits(packed: torch.Tensor, positions: torch.Tensor, value: bool) -> None
         packed.bitwise_and_(per_byte.bitwise_not_())
 
 
-#: Above this many elements ``torch.where`` beats ``mul_`` at zeroing (see :func:`zero_pruned`).
-_WHERE_FROM = 1 << 18
-
-
 def zero_pruned(tensor: torch.Tensor, keep: torch.Tensor) -> None:
     """Set ``tensor`` to zero where ``keep`` is False, in place.
 
-    Measured on CPU (torch 2.13/2.14): ``tensor.mul_(keep)`` with a bool mask is about twice as fast
-    as ``torch.where`` on small tensors, but erratic from about a million elements and then far slower
-    (its type promotion goes through a full-size temporary: 50 ms instead of 7 ms for 11M elements),
-    so larger tensors use ``torch.where(keep, tensor, 0, out=tensor)``. (A NaN at a pruned entry stays
-    NaN under ``mul_``; that only happens once training has diverged, and pruning itself refuses
-    non-finite weights.)
+    Multiplies by the mask's bytes read as ``uint8`` (0 or 1; a view, no copy). Measured on CPU
+    (torch 2.14, ResNet-50's 25.5M weights, one thread): 5.8 ms, about 1.3× one |w| pass, where
+    ``torch.where(keep, tensor, 0, out=tensor)`` and ``masked_fill_`` take 29–32 ms and ``mul_`` by
+    the bool mask itself 13 ms (its type promotion is slower). A NaN or inf at a pruned entry would
+    stay NaN under a product; that only happens once training has diverged, and pruning itself
+    refuses non-finite weights.
     """
-    if tensor.numel() < _WHERE_FROM:
-        tensor.mul_(keep)
-    else:
-        torch.where(keep, tensor, tensor.new_zeros(()), out=tensor)
+    tensor.mul_(keep.view(torch.uint8))
 
 
 def mask_buffer_name(param_name: str) -> str:

@@ -22,6 +22,7 @@ from .fhe.fan_in import FanInConstraint
 from .granularity import NM, Granularity, OutChannel, Weight, get_granularity
 from .schedules import OneShot, Schedule
 from .selection import find_cut
+from .structure.cost import MEASURES, UnitCosts, search_sparsity
 from .structure.dependencies import ChannelDependencies, trace_dependencies
 from .structure.units import choose_units, unit_keep_masks, unit_scores
 from .targets import (
@@ -35,6 +36,8 @@ from .targets import (
 )
 
 SCOPES = ("local", "global")
+#: Which units coupled structured pruning may remove (None: all of them).
+PRUNE_ONLY = (None, "heads", "width")
 _STATE_VERSION = 1
 
 
@@ -69,6 +72,16 @@ class Pruner:
             suit fast kernels), by pruning a little less.
         max_layer_sparsity: with coupled pruning, the largest fraction of any one family of units (the
             channels one layer produces) that may go, whatever the global ranking says (default 1.0).
+        sparsity_in: with coupled pruning, what ``sparsity`` is a fraction of: ``"channels"`` (default:
+            units, i.e. coupled channels, neurons and heads), ``"params"`` (the model's parameters) or
+            ``"macs"`` (the Conv/Linear MACs :func:`prunekit.summary` counts for ``example_inputs``).
+            Units are still ranked by score; the pruner removes the fewest of them whose removal saves
+            at least that fraction (see :mod:`prunekit.structure.cost`). Since a conv between two pruned
+            layers loses rows and columns, a channel fraction p saves about 1 − (1 − p)² of a conv
+            stack's parameters. ``layer_sparsity`` overrides stay fractions of each layer's channels.
+        prune_only: with coupled pruning, ``"heads"`` removes only attention heads (units coupled by
+            an activation × activation product, q·kᵀ and softmax·v) and ``"width"`` only the other
+            units (MLP neurons, conv channels, the hidden size where allowed); default None: both.
         data / loss_fn: batches and loss for the gradient criteria (see :mod:`prunekit.criteria`).
         optimizer: the training optimizer; attaching it re-applies the masks right after each of its
             steps and clears its state at pruned entries (see :meth:`attach_optimizer`).
@@ -106,6 +119,8 @@ class Pruner:
         prune_outputs: bool = False,
         round_to: int = 1,
         max_layer_sparsity: float = 1.0,
+        sparsity_in: str = "channels",
+        prune_only: str | None = None,
         data: Iterable | None = None,
         loss_fn: Callable | None = None,
         optimizer: torch.optim.Optimizer | None = None,
@@ -150,10 +165,26 @@ class Pruner:
         self.max_layer_sparsity = (
             1.0 if max_layer_sparsity == 1.0 else check_sparsity(max_layer_sparsity, "max_layer_sparsity")
         )
+        if sparsity_in not in MEASURES:
+            raise ValueError(f"unknown sparsity_in {sparsity_in!r}; valid values are {', '.join(map(repr, MEASURES))}")
+        if prune_only not in PRUNE_ONLY:
+            raise ValueError(f"unknown prune_only {prune_only!r}; valid values are {', '.join(map(repr, PRUNE_ONLY))}")
+        self.sparsity_in, self.prune_only = sparsity_in, prune_only
         self.dependencies: ChannelDependencies | None = None
+        self._costs: UnitCosts | None = None
         if coupled and isinstance(self.granularity, OutChannel) and example_inputs is not None:
             self.dependencies = trace_dependencies(model, example_inputs, exclude=exclude, prune_outputs=prune_outputs)
             self._family_sparsity = self._resolve_family_sparsity(layer_sparsity or {})
+            if prune_only == "heads" and not bool(self.dependencies.unit_is_head.any()):
+                raise ValueError(
+                    "prune_only='heads', but this model has no attention heads that can be removed "
+                    "(none found, or all of them reach an output or an excluded module); use prune_only=None"
+                )
+        elif sparsity_in != "channels" or prune_only is not None:
+            raise ValueError(
+                "sparsity_in and prune_only apply to coupled structured pruning only: use "
+                "granularity='out_channel' with example_inputs (and coupled=True)"
+            )
 
         self.step_count = 0
         self._last_event = -1
@@ -187,7 +218,7 @@ class Pruner:
         for target in self.targets:
             found.append((target.module, target.param_name, target.full_name))
             if self.granularity.prunes_bias and target.bias is not None:
-                found.append((target.module, "bias", target.name_of("bias")))
+                found.append((target.module, target.bias_name, target.name_of(target.bias_name)))
         return found
 
     def _enforced_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -425,28 +456,54 @@ class Pruner:
         if torch.isnan(scores).any():
             raise ValueError(f"criterion {self.criterion.name!r} gave NaN scores")
         num_families = len(deps.families)
-        family_sparsity = torch.full((num_families,), float(sparsity), dtype=torch.float64)
         pooled = torch.full((num_families,), self.scope == "global", dtype=torch.bool)
+        overrides = {}
         for index, value in self._family_sparsity.items():
             if scheduled_at is not None:  # an override is the family's final sparsity, ramped by the schedule
                 value = self.schedule.sparsity_at(scheduled_at, value, min(self.schedule.initial, value))
-            family_sparsity[index], pooled[index] = value, False
-        pruned = choose_units(
-            scores,
-            deps.unit_family,
-            family_sparsity,
-            pooled,
-            removed_units(deps),
-            self.min_kept,
-            self.round_to,
-            self.max_layer_sparsity,
-        )
+            overrides[index], pooled[index] = value, False
+        already = removed_units(deps)
+        allowed = None
+        if self.prune_only is not None:
+            allowed = deps.unit_is_head if self.prune_only == "heads" else ~deps.unit_is_head
+
+        def choose(unit_sparsity: float) -> torch.Tensor:
+            family_sparsity = torch.full((num_families,), float(unit_sparsity), dtype=torch.float64)
+            for index, value in overrides.items():
+                family_sparsity[index] = value
+            if allowed is None:
+                return choose_units(scores, deps.unit_family, family_sparsity, pooled, already, *self._unit_limits())
+            # Rank only the allowed units; the others keep their state (pruned only if already pruned).
+            pruned = already.clone()
+            pruned[allowed] = choose_units(
+                scores[allowed], deps.unit_family[allowed], family_sparsity, pooled, already[allowed],
+                *self._unit_limits(),
+            )  # fmt: skip
+            return pruned
+
+        if self.sparsity_in == "channels":
+            pruned = choose(sparsity)
+        else:
+            costs = self._unit_costs()
+            pruned = search_sparsity(choose, lambda units: costs.removed_fraction(units, self.sparsity_in), sparsity)
         result = {}
         modules = {full: (module, param) for module, param, full in self._maskable_params}
         for full_name, keep in unit_keep_masks(deps, pruned).items():
             module, param_name = modules[full_name]
             self._record_packed(result, module, param_name, full_name, mask_store.pack_mask(keep))
         return result
+
+    def _unit_limits(self) -> tuple[int, int, float]:
+        return self.min_kept, self.round_to, self.max_layer_sparsity
+
+    def _unit_costs(self) -> UnitCosts:
+        """Parameter and MAC counts per set of removed units, built once (MACs need one forward pass)."""
+        if self._costs is None:
+            from .summary import weight_applications
+
+            applied = weight_applications(self.model, self.example_inputs) if self.sparsity_in == "macs" else None
+            self._costs = UnitCosts(self.model, self.dependencies, applied)
+        return self._costs
 
     def _selection_groups(self, sparsity: float, scheduled_at: int | None = None) -> list[tuple[list[Target], float]]:
         """Which layers are ranked together, and at which sparsity: each on its own (local scope,
@@ -475,7 +532,7 @@ class Pruner:
         bias = target.bias
         if self.granularity.prunes_bias and bias is not None and bias.numel() == keep_oik.shape[0]:
             bias_keep = keep_oik.reshape(keep_oik.shape[0], -1).any(dim=1)
-            self._add_packed_mask(result, target, mask_store.pack_mask(bias_keep), "bias")
+            self._add_packed_mask(result, target, mask_store.pack_mask(bias_keep), target.bias_name)
 
     def _add_packed_mask(self, result: dict, target: Target, packed: torch.Tensor, param_name: str = "") -> None:
         """Record a bit-packed mask for the target's weight (or ``param_name``), intersected with the
@@ -570,6 +627,8 @@ class Pruner:
                 "criterion": self.criterion.name,
                 "granularity": self.granularity.name,
                 "scope": self.scope,
+                "sparsity_in": self.sparsity_in,
+                "prune_only": self.prune_only,
                 "schedule": repr(self.schedule),
                 "max_fan_in": repr(self.fan_in),
             },
@@ -643,10 +702,23 @@ class Pruner:
             raise RuntimeError("this pruner was removed (pruner.remove()); create a new pk.Pruner to prune again")
 
     def summary(self):
-        """:func:`prunekit.summary` of the model, using this pruner's ``example_inputs``."""
-        from .summary import summary
+        """:func:`prunekit.summary` of the model, using this pruner's ``example_inputs``; with coupled
+        structured pruning, a note says what the sparsity counted and what removing the pruned units
+        saves in parameters and MACs (what :func:`prunekit.compact` will deliver)."""
+        from .summary import summary, weight_applications
 
-        return summary(self.model, example_inputs=self.example_inputs)
+        report = summary(self.model, example_inputs=self.example_inputs)
+        if self.dependencies is not None:
+            pruned = removed_units(self.dependencies)
+            costs = UnitCosts(self.model, self.dependencies, weight_applications(self.model, self.example_inputs))
+            only = "" if self.prune_only is None else f", {self.prune_only} only"
+            report.notes.append(
+                f"structured sparsity {self.sparsity_target:g} counts {self.sparsity_in}{only}: "
+                f"{int(pruned.sum())} of {self.dependencies.num_units} units removed; once compacted, "
+                f"{costs.removed_fraction(pruned, 'params'):.1%} fewer parameters and "
+                f"{costs.removed_fraction(pruned, 'macs'):.1%} fewer Conv/Linear MACs"
+            )
+        return report
 
     def __repr__(self) -> str:
         return (

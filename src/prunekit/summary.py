@@ -1,22 +1,71 @@
 """Summary: parameters, non-zeros, sparsity and MACs, per layer and in total.
 
-MACs (multiply-accumulates) are counted for Linear, Conv and ConvTranspose layers from shapes, for one
-forward pass of ``example_inputs`` as given (batch included). A weight that is zero does no useful
-work, so "non-zero MACs" counts each non-zero weight once per position it is applied at: the
-theoretical cost of a sparse layer (ShrinkBench's "theoretical speedup" is dense MACs / non-zero MACs).
-Without ``example_inputs`` a Linear counts as applied once and conv MACs are unknown (``None``).
+MACs (multiply-accumulates) are counted for Linear, Conv, ConvTranspose and Hugging Face ``Conv1D``
+(GPT-2's linear layer, weight stored (in, out)) layers from shapes, for one forward pass of
+``example_inputs`` as given (batch included). A weight that is zero does no useful work, so "non-zero
+MACs" counts each non-zero weight once per position it is applied at: the theoretical cost of a sparse
+layer (ShrinkBench's "theoretical speedup" is dense MACs / non-zero MACs). Without ``example_inputs`` a
+Linear counts as applied once and conv MACs are unknown (``None``).
+
+With ``example_inputs``, products of two activations are counted too: attention's q·kᵀ and
+attention·v, whether computed by ``F.scaled_dot_product_attention`` (``B·H·L·S·(E + Ev)`` MACs for
+queries ``(B, H, L, E)``, keys ``(B, H, S, E)`` and values ``(B, H, S, Ev)``), by
+``nn.MultiheadAttention`` or by ``matmul`` / ``@`` / ``bmm`` / ``baddbmm`` / two-operand ``einsum`` on
+tensors that are not parameters (nor views of one: those are weight products, which layers count).
+They get a row of their own per module that computed them, of kind :data:`ATTENTION_KIND`, with no
+parameters; weights do not enter them, so their non-zero MACs equal their MACs. The totals include
+them; :attr:`Summary.attention_macs` is their sum.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .attention import pruned_multi_head_attention_forward
+from .targets import is_hf_conv1d
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+ATTENTION_KIND = "attention (activation × activation)"
+"""The ``kind`` of the rows counting products of two activations (attention scores and weighted values)."""
+
+
+def _counts_weight_macs(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    hf_conv1d = is_hf_conv1d(module) and isinstance(weight, torch.Tensor) and weight.ndim == 2
+    return isinstance(module, (nn.Linear, *_CONV, *_CONV_T)) or hf_conv1d
+
+
+def applied_weights(module: nn.Module) -> list[torch.Tensor]:
+    """The weights whose MACs a module's applications count: its ``weight``, or for an
+    ``nn.MultiheadAttention`` its query/key/value projection weights (``out_proj`` is a Linear of its own)."""
+    if isinstance(module, nn.MultiheadAttention):
+        names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+        return [w for w in (getattr(module, n, None) for n in names) if isinstance(w, torch.Tensor)]
+    weight = getattr(module, "weight", None)
+    return [weight] if _counts_weight_macs(module) and isinstance(weight, torch.Tensor) else []
+
+
+def _projection_macs(module: nn.MultiheadAttention, query_tokens: int, key_tokens: int) -> tuple[int, int]:
+    """(MACs, non-zero MACs) of an nn.MultiheadAttention's q, k and v projections: the query rows are
+    applied at every query token, the key and value rows at every key token."""
+    if module.in_proj_weight is not None:
+        parts = module.in_proj_weight.detach().chunk(3)
+    else:
+        parts = [module.q_proj_weight.detach(), module.k_proj_weight.detach(), module.v_proj_weight.detach()]
+    tokens = (query_tokens, key_tokens, key_tokens)
+    macs = sum(part.numel() * count for part, count in zip(parts, tokens))
+    nonzero = sum(int(torch.count_nonzero(part)) * count for part, count in zip(parts, tokens))
+    return macs, nonzero
 
 
 @dataclass
@@ -40,6 +89,8 @@ class Summary:
     """Per-layer rows and totals; ``str()`` prints a table, :meth:`to_dict` gives plain numbers."""
 
     layers: list[LayerStats] = field(default_factory=list)
+    #: Lines printed under the table (e.g. what a structured sparsity counted).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total_params(self) -> int:
@@ -60,6 +111,11 @@ class Summary:
         return self.total_params / self.nonzero_params if self.nonzero_params else float("inf")
 
     @property
+    def attention_macs(self) -> int:
+        """MACs of products of two activations (rows of kind :data:`ATTENTION_KIND`); part of :attr:`macs`."""
+        return sum(layer.macs or 0 for layer in self.layers if layer.kind == ATTENTION_KIND)
+
+    @property
     def macs(self) -> int:
         return sum(layer.macs or 0 for layer in self.layers)
 
@@ -76,6 +132,7 @@ class Summary:
             "macs": self.macs,
             "nonzero_macs": self.nonzero_macs,
             "layers": [dict(asdict(layer), sparsity=layer.sparsity) for layer in self.layers],
+            "notes": list(self.notes),
         }
 
     def __str__(self) -> str:
@@ -110,13 +167,111 @@ class Summary:
             )
 
         rule = "-" * len(line(header))
-        return "\n".join([line(header), rule, *map(line, rows), rule, line(total)])
+        return "\n".join([line(header), rule, *map(line, rows), rule, line(total), *self.notes])
 
     __repr__ = __str__
 
 
-def _positions(model: nn.Module, example_inputs: Any) -> dict[nn.Module, int]:
-    """How many times each Linear/Conv weight is applied in one forward pass of ``example_inputs``."""
+class _ActivationProducts(TorchFunctionMode):
+    """Counts, during one forward pass, the MACs of products of two activations, per module name.
+
+    A torch-function mode sees each call at the Python level, before it is decomposed: one
+    ``scaled_dot_product_attention`` call is counted once, by its formula, whatever kernel runs it.
+    """
+
+    _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
+    _BADDBMMS = (torch.baddbmm, torch.Tensor.baddbmm)
+
+    def __init__(self, weight_storages: set[int], current_module: Callable[[], str]):
+        super().__init__()
+        self.weight_storages = weight_storages
+        self.current_module = current_module
+        self.macs: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        macs = self._count(func, args, kwargs, result)
+        if macs:
+            name = self.current_module()
+            self.macs[name] = self.macs.get(name, 0) + macs
+        return result
+
+    def _activation(self, value: Any) -> bool:
+        """A tensor that is neither a parameter nor a view of one (a weight product is a layer's MACs)."""
+        if not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter):
+            return False
+        if value.device.type == "meta":
+            return True
+        return value.untyped_storage().data_ptr() not in self.weight_storages
+
+    def _count(self, func, args, kwargs, result) -> int:
+        if func is F.scaled_dot_product_attention:
+            query = args[0] if args else kwargs.get("query")
+            key = args[1] if len(args) > 1 else kwargs.get("key")
+            value = args[2] if len(args) > 2 else kwargs.get("value")
+            if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+                return 0
+            # Scores: each of the L·(batch, heads) queries against S keys over E; then S values of Ev each.
+            return math.prod(query.shape[:-1]) * key.shape[-2] * (query.shape[-1] + value.shape[-1])
+        if func is F.multi_head_attention_forward:
+            query, key = args[0], args[1]  # (L, N, E) or unbatched (L, E); projected to E either way
+            batch = query.shape[1] if query.ndim == 3 else 1
+            return 2 * batch * query.shape[0] * key.shape[0] * query.shape[-1]
+        if func is pruned_multi_head_attention_forward:  # the same, projected to the kept heads' width
+            query, key, in_proj_weight = args[0], args[1], args[4]
+            width = in_proj_weight.shape[0] // 3 if in_proj_weight is not None else args[17].shape[0]
+            batch = query.shape[1] if query.ndim == 3 else 1
+            return 2 * batch * query.shape[0] * key.shape[0] * width
+        if func in self._MATMULS or func in self._BADDBMMS or func is torch.Tensor.__rmatmul__:
+            if func in self._BADDBMMS:
+                left, right = args[1], args[2]
+            elif func is torch.Tensor.__rmatmul__:
+                left, right = args[1], args[0]
+            else:
+                left, right = args[0], args[1]
+            if not (self._activation(left) and self._activation(right)) or not isinstance(result, torch.Tensor):
+                return 0
+            return result.numel() * left.shape[-1]  # each output element sums over the shared dimension
+        if func is torch.einsum:
+            return self._einsum(args)
+        return 0
+
+    def _einsum(self, args) -> int:
+        equation, *operands = args
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = list(operands[0])
+        if not isinstance(equation, str) or len(operands) != 2 or not all(map(self._activation, operands)):
+            return 0
+        inputs = equation.replace(" ", "").split("->")[0].split(",")
+        sizes: dict[str, int] = {}
+        ellipses = []
+        for letters, operand in zip(inputs, operands):
+            if "..." in letters:
+                before, after = letters.split("...")
+                ellipses.append(operand.shape[len(before) : operand.ndim - len(after)])
+                letters = before + after
+                dims = list(operand.shape[: len(before)]) + list(operand.shape[operand.ndim - len(after) :])
+            else:
+                dims = list(operand.shape)
+            for letter, size in zip(letters, dims):
+                sizes[letter] = max(sizes.get(letter, 1), size)  # a size-1 dimension broadcasts
+        # One multiply-add per combination of every index, summed or kept.
+        return math.prod(sizes.values()) * math.prod(torch.broadcast_shapes(*ellipses) if ellipses else ())
+
+
+def weight_applications(model: nn.Module, example_inputs: Any) -> dict[nn.Module, int]:
+    """``{module: positions}``: how many times each Linear/Conv/Conv1D weight (and each
+    nn.MultiheadAttention's projection, counted at the query's tokens) is applied in one forward pass of
+    ``example_inputs``; the MACs of :func:`applied_weights` are their elements × positions."""
+    return _positions(model, example_inputs)[0]
+
+
+def _positions(
+    model: nn.Module, example_inputs: Any
+) -> tuple[dict[nn.Module, int], dict[str, int], dict[nn.Module, int]]:
+    """How many times each Linear/Conv/Conv1D weight is applied in one forward pass of ``example_inputs``,
+    and the MACs of products of two activations per name of the (innermost) module computing them."""
     counted: dict[nn.Module, int] = {}
 
     def hook(module, inputs, output):
@@ -124,15 +279,51 @@ def _positions(model: nn.Module, example_inputs: Any) -> dict[nn.Module, int]:
             positions = inputs[0].numel() // module.in_channels
         elif isinstance(module, _CONV):
             positions = output.numel() // module.out_channels
-        else:
+        elif isinstance(module, nn.Linear):
             positions = output.numel() // module.out_features
+        else:  # Hugging Face Conv1D: weight (in, out)
+            positions = output.numel() // module.weight.shape[1]
         counted[module] = counted.get(module, 0) + positions
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, *_CONV, *_CONV_T))]
+    names = {module: name for name, module in model.named_modules()}
+    running: list[str] = []
+
+    def enter(module, inputs):
+        running.append(names.get(module, ""))
+
+    def leave(module, inputs, output):
+        if running:
+            running.pop()
+
+    key_tokens: dict[nn.Module, int] = {}
+
+    def attention_hook(module, args, kwargs, output):
+        # Its projections and out_proj are applied through functional calls, not as modules: count them
+        # here, at the query's tokens (q and out_proj) and the key's (k and v).
+        query = args[0] if args else kwargs["query"]
+        key = args[1] if len(args) > 1 else kwargs.get("key", query)
+        queries, keys = query.numel() // query.shape[-1], key.numel() // key.shape[-1]
+        counted[module] = counted.get(module, 0) + queries
+        key_tokens[module] = key_tokens.get(module, 0) + keys
+        counted[module.out_proj] = counted.get(module.out_proj, 0) + queries
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if _counts_weight_macs(m)]
+    handles += [
+        m.register_forward_hook(attention_hook, with_kwargs=True)
+        for m in model.modules()
+        if isinstance(m, nn.MultiheadAttention)
+    ]
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
+    weight_storages = {
+        p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta" and p.numel()
+    }
+    products = _ActivationProducts(weight_storages, lambda: running[-1] if running else "")
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), products:
             if isinstance(example_inputs, dict):
                 model(**example_inputs)
             elif isinstance(example_inputs, (tuple, list)):
@@ -143,7 +334,7 @@ def _positions(model: nn.Module, example_inputs: Any) -> dict[nn.Module, int]:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return counted
+    return counted, products.macs, key_tokens
 
 
 def summary(model: nn.Module, example_inputs: Any = None) -> Summary:
@@ -154,26 +345,50 @@ def summary(model: nn.Module, example_inputs: Any = None) -> Summary:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    positions = _positions(model, example_inputs) if example_inputs is not None else {}
-    rows = []
+    positions, products, key_tokens = _positions(model, example_inputs) if example_inputs is not None else ({}, {}, {})
+    rows: list[LayerStats] = []
     seen: set[int] = set()
-    for name, module in model.named_modules():
-        params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
-        if not params:
-            continue
-        seen.update(id(p) for p in params)
-        total = sum(p.numel() for p in params)
-        nonzero = sum(int(torch.count_nonzero(p.detach())) for p in params)
-        row = LayerStats(name, type(module).__name__, total, nonzero)
-        weight = getattr(module, "weight", None)
-        if isinstance(module, (nn.Linear, *_CONV, *_CONV_T)) and isinstance(weight, torch.Tensor):
-            applied = positions.get(module)
-            if applied is None and example_inputs is None and isinstance(module, nn.Linear):
-                applied = 1
-            if applied is not None:
-                row.macs = weight.numel() * applied
-                row.nonzero_macs = int(torch.count_nonzero(weight.detach())) * applied
-            elif example_inputs is not None:
-                row.macs = row.nonzero_macs = 0  # not reached by this input
-        rows.append(row)
+    visited: set[int] = set()
+
+    def walk(name: str, module: nn.Module) -> None:
+        # Modules in named_modules() order; a module's attention row after those of its submodules (its
+        # q/k/v projections run before the products they feed).
+        if id(module) in visited:
+            return
+        visited.add(id(module))
+        rows.extend(_weight_row(name, module, seen, positions, example_inputs))
+        if isinstance(module, nn.MultiheadAttention) and module in positions and rows and rows[-1].name == name:
+            rows[-1].macs, rows[-1].nonzero_macs = _projection_macs(module, positions[module], key_tokens[module])
+        for child_name, child in module.named_children():
+            walk(f"{name}.{child_name}" if name else child_name, child)
+        if name in products:
+            rows.append(LayerStats(name, ATTENTION_KIND, 0, 0, products[name], products[name]))
+
+    walk("", model)
     return Summary(rows)
+
+
+def _weight_row(
+    name: str, module: nn.Module, seen: set[int], positions: dict[nn.Module, int], example_inputs: Any
+) -> list[LayerStats]:
+    """The row of a module with parameters of its own (not counted in an earlier row), else none. A layer
+    whose weight is shared with an earlier row (a language model's output layer tied to the input
+    embedding) still computes: it gets a row with its MACs and no parameters."""
+    params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+    weight = getattr(module, "weight", None)
+    if not params and not (_counts_weight_macs(module) and isinstance(weight, torch.Tensor)):
+        return []
+    seen.update(id(p) for p in params)
+    total = sum(p.numel() for p in params)
+    nonzero = sum(int(torch.count_nonzero(p.detach())) for p in params)
+    row = LayerStats(name, type(module).__name__, total, nonzero)
+    if _counts_weight_macs(module) and isinstance(weight, torch.Tensor):
+        applied = positions.get(module)
+        if applied is None and example_inputs is None and not isinstance(module, (*_CONV, *_CONV_T)):
+            applied = 1
+        if applied is not None:
+            row.macs = weight.numel() * applied
+            row.nonzero_macs = int(torch.count_nonzero(weight.detach())) * applied
+        elif example_inputs is not None:
+            row.macs = row.nonzero_macs = 0  # not reached by this input
+    return [row]

@@ -1,7 +1,10 @@
 """Which layers are pruned: finding targets, ``include``/``exclude`` and per-layer sparsity overrides.
 
 A *target* is one weight tensor to prune (``module.weight``). By default every ``nn.Linear``,
-``nn.ConvNd`` and ``nn.ConvTransposeNd`` is a target. ``include``/``exclude`` take module types
+``nn.ConvNd`` and ``nn.ConvTransposeNd`` is a target, and so are the weights that act as Linear layers
+in two common modules: Hugging Face's ``Conv1D`` (GPT-2; weight stored (in, out)) and the query/key/value
+projection of ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q/k/v_proj_weight`` when the key and
+value widths differ; its ``out_proj`` is an ``nn.Linear`` anyway). ``include``/``exclude`` take module types
 (matched with ``isinstance``) and/or name patterns (regular expressions). A name pattern matches a
 module when it matches the module's full name (``re.fullmatch``) **or the name of one of its
 parents**, so ``"classifier"`` selects ``classifier`` and everything inside it (``classifier.6``)
@@ -37,6 +40,20 @@ _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 LayerSelector = type | str
 
 
+#: The projection weights of nn.MultiheadAttention, with the bias that goes with each.
+_ATTENTION_WEIGHTS = {
+    "in_proj_weight": "in_proj_bias",
+    "q_proj_weight": None,
+    "k_proj_weight": None,
+    "v_proj_weight": None,
+}
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's projections): a Linear whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+
+
 @dataclass(eq=False)
 class Target:
     """One prunable weight: ``module.<param_name>`` where ``module`` is called ``name`` in the model."""
@@ -59,7 +76,8 @@ class Target:
 
     @property
     def transposed(self) -> bool:
-        return isinstance(self.module, _TRANSPOSED)
+        """True when the weight is stored (in, out, ...): ConvTranspose and Hugging Face's Conv1D."""
+        return isinstance(self.module, _TRANSPOSED) or is_hf_conv1d(self.module)
 
     @property
     def oik_shape(self) -> tuple[int, int, int]:
@@ -85,8 +103,13 @@ class Target:
         return tensor.reshape(shape)
 
     @property
+    def bias_name(self) -> str | None:
+        """The name of the bias that belongs to this weight's outputs (None if it has none)."""
+        return _ATTENTION_WEIGHTS.get(self.param_name) if self.param_name in _ATTENTION_WEIGHTS else "bias"
+
+    @property
     def bias(self) -> torch.Tensor | None:
-        bias = getattr(self.module, "bias", None)
+        bias = getattr(self.module, self.bias_name, None) if self.bias_name else None
         return bias if isinstance(bias, nn.Parameter) else None
 
 
@@ -125,9 +148,17 @@ def _as_list(selectors: LayerSelector | Iterable[LayerSelector] | None, what: st
     return items
 
 
-def _has_prunable_weight(module: nn.Module) -> bool:
-    weight = module._parameters.get("weight")
-    return isinstance(weight, nn.Parameter) and weight.dim() >= 2
+def _prunable_weights(module: nn.Module, allowed_types: tuple[type, ...]) -> list[str]:
+    """Names of the module's own weights that are pruning targets (none if it is not a targeted type)."""
+    if isinstance(module, nn.MultiheadAttention):
+        names = list(_ATTENTION_WEIGHTS)
+    elif isinstance(module, allowed_types) or is_hf_conv1d(module):
+        names = ["weight"]
+    else:
+        return []
+    return [
+        n for n in names if isinstance(module._parameters.get(n), nn.Parameter) and module._parameters[n].dim() >= 2
+    ]
 
 
 def find_targets(
@@ -146,11 +177,7 @@ def find_targets(
     excludes = _as_list(exclude, "exclude")
     allowed_types = DEFAULT_TYPES + tuple(item for item in includes if isinstance(item, type))
 
-    candidates = [
-        (name, module)
-        for name, module in model.named_modules()
-        if _has_prunable_weight(module) and isinstance(module, allowed_types)
-    ]
+    candidates = [(name, module) for name, module in model.named_modules() if _prunable_weights(module, allowed_types)]
     for selector, what in [(s, "include") for s in includes] + [(s, "exclude") for s in excludes]:
         if not any(_matches(selector, name, module) for name, module in candidates):
             shown = selector.__name__ if isinstance(selector, type) else repr(selector)
@@ -165,10 +192,12 @@ def find_targets(
             continue
         if any(_matches(s, name, module) for s in excludes):
             continue
-        if id(module.weight) in seen:  # a weight shared by several modules (tied weights) is one target
-            continue
-        seen.add(id(module.weight))
-        targets.append(Target(name, module))
+        for param_name in _prunable_weights(module, allowed_types):
+            weight = module._parameters[param_name]
+            if id(weight) in seen:  # a weight shared by several modules (tied weights) is one target
+                continue
+            seen.add(id(weight))
+            targets.append(Target(name, module, param_name))
     if not targets:
         raise ValueError(
             "nothing to prune: the model has no Linear/Conv layer left after include/exclude "

@@ -64,11 +64,21 @@ class Slice:
 class ChannelDependencies:
     """The units of structured pruning of one model (see the module docstring)."""
 
-    def __init__(self, slices: list[Slice], num_units: int, unit_family: torch.Tensor, families: list[str]):
+    def __init__(
+        self,
+        slices: list[Slice],
+        num_units: int,
+        unit_family: torch.Tensor,
+        families: list[str],
+        unit_is_head: torch.Tensor | None = None,
+    ):
         self.slices = slices
         self.num_units = num_units
         self.unit_family = unit_family
         self.families = families
+        #: Bool per unit: an attention head (coupled by an activation × activation product such as
+        #: q·kᵀ or softmax·v), as opposed to a channel / neuron of the model's width.
+        self.unit_is_head = torch.zeros(num_units, dtype=torch.bool) if unit_is_head is None else unit_is_head
 
     def members(self, unit: int) -> dict[str, dict[int, list[int]]]:
         """``{tensor name: {dim: [indices]}}`` of one unit, for inspection."""
@@ -84,7 +94,8 @@ class ChannelDependencies:
 
     def __repr__(self) -> str:
         return (
-            f"ChannelDependencies({self.num_units} removable units in {len(self.families)} families, "
+            f"ChannelDependencies({self.num_units} removable units ({int(self.unit_is_head.sum())} attention heads) "
+            f"in {len(self.families)} families, "
             f"cutting {len(self.slices)} tensor dimensions)"
         )
 
@@ -152,11 +163,13 @@ def trace_with_output(
             model.eval()
         with torch.no_grad(), tracer:
             output = call_model(model, example_inputs)
-        if not prune_outputs:
-            for tensor in tensor_leaves(output):
-                label = tracer.label(tensor)
-                if label is not None:
-                    tracer.graph.pin(ids_of(label))
+        for tensor in tensor_leaves(output):
+            label = tracer.label(tensor)
+            if label is not None and not prune_outputs:
+                tracer.graph.pin(ids_of(label))
+            heads = tracer.head_mixtures.get(tensor)
+            if heads is not None:  # weights averaged over heads change with any head, whatever prune_outputs says
+                tracer.graph.pin(heads)
     except UnsupportedOperationError:
         raise
     finally:
@@ -287,4 +300,8 @@ def _units(model: nn.Module, tracer: ChannelTracer) -> ChannelDependencies:
                     dim_range.consumer,
                 )
             )
-    return ChannelDependencies(slices, num_units, unit_family, families)
+    unit_is_head = torch.zeros(num_units, dtype=torch.bool)
+    for head_ids in tracer.heads:
+        heads = unit[head_ids]
+        unit_is_head[heads[heads >= 0]] = True
+    return ChannelDependencies(slices, num_units, unit_family, families, unit_is_head)

@@ -20,6 +20,7 @@ module is excluded (then it is treated as a black box whose inputs and outputs a
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import sys
@@ -178,6 +179,12 @@ class ChannelTracer(TorchFunctionMode):
         #: (output labels, outer dims, inner dims) of every reshape that split one dimension in several
         #: (heads from a projection, groups in a channel shuffle), checked once units are known.
         self.splits: list[tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]] = []
+        #: One id per attention head (per slice of an activation × activation product): the units they
+        #: end up in are heads, which ``prune_only="heads"`` / ``"width"`` tell apart from channels.
+        self.heads: list[torch.Tensor] = []
+        #: Tensors that mix every head of an attention module (head-averaged attention weights): reading
+        #: them pins those heads (tensor -> head ids).
+        self.head_mixtures: WeakIdKeyDictionary = WeakIdKeyDictionary()
         # Hooks only where they are needed: on the excluded modules. A hook on every module would make each
         # module call take torch's slow path; the module an error message names is found from the Python
         # frames instead (see where).
@@ -332,6 +339,11 @@ class ChannelTracer(TorchFunctionMode):
         return out
 
     def _rule(self, name, func, args, kwargs, out) -> None:
+        if len(self.head_mixtures):
+            for tensor in tensor_leaves((args, kwargs)):
+                heads = self.head_mixtures.get(tensor)
+                if heads is not None:
+                    self.graph.pin(heads)
         if name in _IDENTITY:
             self.set_label(out, self.label(args[0]))
         elif name in _FRESH:
@@ -378,13 +390,8 @@ class ChannelTracer(TorchFunctionMode):
             self._einsum(args, out)
         elif name == "glu":
             self._glu(args, kwargs, out)
-        elif name == "multi_head_attention_forward":
-            # nn.MultiheadAttention packs q, k, v into one weight and insists on embed_dim = heads × head_dim,
-            # so its heads cannot shrink while it stays an nn.MultiheadAttention: it is left whole.
-            self._opaque_weight(*tensor_leaves((args, kwargs)))
-            for tensor in tensor_leaves(out):
-                if _is_float_tensor(tensor):
-                    self.set_label(tensor, torch.full(tuple(tensor.shape), PINNED_LABEL, dtype=torch.int64))
+        elif name in ("multi_head_attention_forward", "pruned_multi_head_attention_forward"):
+            self._multi_head_attention(func, args, kwargs, out)
         else:
             raise UnsupportedOperationError(
                 f"prunekit cannot follow channels through the operation {name!r} in module {self.where!r}; "
@@ -437,9 +444,15 @@ class ChannelTracer(TorchFunctionMode):
             dims = [dim % x.ndim] if isinstance(dim, int) else []
         elif name in ("split", "split_with_sizes", "tensor_split", "chunk"):
             dim = kwargs.get("dim", args[2] if len(args) > 2 else 0) % x.ndim
-            pieces = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("chunks"))
+            pieces = args[1] if len(args) > 1 else _first(kwargs, "split_size_or_sections", "split_size", "chunks")
+            size = x.shape[dim]
             if name == "chunk" or (name == "tensor_split" and isinstance(pieces, int)):
                 self._couple_pieces(x, dim, pieces)
+            elif name == "split" and isinstance(pieces, int) and 1 < pieces < size and size % pieces == 0:
+                # Equal pieces of a given size (GPT-2 splits its fused q, k, v by split_size) are chunk(size //
+                # pieces); the compacted module must then split by the smaller size (compaction updates the
+                # attributes it knows, such as GPT-2's split_size, and its check catches the rest).
+                self._couple_pieces(x, dim, size // pieces)
             else:
                 dims = [dim]
         for dim in dims:
@@ -776,6 +789,7 @@ class ChannelTracer(TorchFunctionMode):
         ids = ids_of(torch.cat(rows, dim=1))
         first = ids.amax(dim=1, keepdim=True)
         self.graph.join(first.expand_as(ids), ids)
+        self.heads.append(first[:, 0])
         # Zero where a pruned head zeroes either factor (attention weights × the head's pruned values).
         zero_ok = zero_ok_of(rows[0]).all(dim=1) | zero_ok_of(rows[-1]).all(dim=1)
         label = encode(first[:, 0], zero_ok)
@@ -804,9 +818,77 @@ class ChannelTracer(TorchFunctionMode):
         ids = ids_of(torch.cat(rows, dim=1))
         first = ids.amax(dim=1, keepdim=True).expand_as(ids)
         self.graph.join(first, ids)
+        self.heads.append(first[:, 0])
         zero_ok = zero_ok_of(v_rows).all(dim=1)
         head_label = encode(first[:, 0], zero_ok).repeat_interleave(group)
         self.set_label(out, head_label.reshape(heads, 1, 1).expand(tuple(out.shape)))
+
+    def _multi_head_attention(self, func, args, kwargs, out) -> None:
+        """nn.MultiheadAttention (torch's functional form, or prunekit's for an already pruned one): one unit
+        per head, made of that head's rows of the query, key and value projections (and their biases and
+        bias_k/bias_v) and its columns of out_proj. The input widths are consumed by the projections'
+        columns and the output width is produced by out_proj's rows, as for Linear layers."""
+        call = _signature(func).bind(*args, **kwargs)
+        call.apply_defaults()
+        a = call.arguments
+        separate = bool(a["use_separate_proj_weight"])
+        projections = (
+            [a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"]] if separate else [a["in_proj_weight"]]
+        )
+        out_weight, heads = a["out_proj_weight"], int(a["num_heads"])
+        attention, weights = (tuple(out) + (None,))[:2] if isinstance(out, (tuple, list)) else (out, None)
+        opaque = any(self.owner(t) is None for t in (*projections, out_weight)) or any(
+            a.get(name) is not None for name in ("static_k", "static_v")
+        )
+        if opaque:  # computed projection weights or caller-supplied keys: the module stays whole
+            self._opaque_weight(*tensor_leaves((args, kwargs)))
+            for tensor in tensor_leaves(out):
+                if _is_float_tensor(tensor):
+                    self.set_label(tensor, torch.full(tuple(tensor.shape), PINNED_LABEL, dtype=torch.int64))
+            return
+        # Masks are plain data to the heads: a mask computed from channels keeps those channels.
+        self._opaque_weight(a["attn_mask"], a["key_padding_mask"])
+        inputs = (a["query"], a["key"], a["value"])
+        if separate:
+            for x, weight in zip(inputs, projections):
+                self.consume(self.label(x), -1, self.param_ids(weight, 1, consumer=True))
+            rows = [self.param_ids(weight, 0, producer=True).reshape(heads, -1) for weight in projections]
+        else:
+            columns = self.param_ids(projections[0], 1, consumer=True)
+            for x in inputs:
+                self.consume(self.label(x), -1, columns)
+            packed = self.param_ids(projections[0], 0, producer=True).reshape(3, heads, -1)
+            rows = [packed.transpose(0, 1).reshape(heads, -1)]
+        if a["in_proj_bias"] is not None and self.owner(a["in_proj_bias"]) is not None:
+            rows.append(self.param_ids(a["in_proj_bias"], 0).reshape(3, heads, -1).transpose(0, 1).reshape(heads, -1))
+        for name in ("bias_k", "bias_v"):
+            if a[name] is not None and self.owner(a[name]) is not None:
+                rows.append(self.param_ids(a[name], -1).reshape(heads, -1))
+        rows.append(self.param_ids(out_weight, 1, consumer=True).reshape(heads, -1))
+        ids = torch.cat(rows, dim=1)
+        self.graph.join(ids[:, :1].expand_as(ids), ids)
+        head_ids = ids[:, 0]
+        self.heads.append(head_ids)
+        mask = a["attn_mask"]
+        if isinstance(mask, torch.Tensor) and mask.dim() == 3 and heads > 1:
+            # One mask per (batch, head) pair: the caller's mask fixes the head count.
+            self.graph.pin(head_ids)
+        out_ids = self.param_ids(out_weight, 0, producer=True)
+        self._join_param(a["out_proj_bias"], 0, out_ids)
+        self.set_label(attention, self.produce(tuple(attention.shape), -1, out_ids))
+        if not _is_float_tensor(weights):
+            return
+        if not a["average_attn_weights"]:  # (N, heads, L, S): a head's weights go with the head
+            self.set_label(weights, self.produce(tuple(weights.shape), -3, head_ids, zero_ok=False))
+            return
+        # Weights averaged over the heads change when any head goes: if anything reads them (or the model
+        # returns them) the heads must stay. Labelled with the head ids in turn so that a model output
+        # pins them; any operation that reads them pins them too (see _rule).
+        if weights.numel() < heads:
+            self.graph.pin(head_ids)
+        cycled = head_ids.repeat(weights.numel() // heads + 1)[: weights.numel()]
+        self.set_label(weights, encode(cycled, False).reshape(tuple(weights.shape)))
+        self.head_mixtures[weights] = head_ids
 
     def _einsum(self, args, out) -> None:
         """Activations multiplied by einsum: like a batched matmul, everything within one slice of the
@@ -832,6 +914,7 @@ class ChannelTracer(TorchFunctionMode):
         ids = ids_of(torch.cat(rows, dim=1))
         first = ids.amax(dim=1, keepdim=True)
         self.graph.join(first.expand_as(ids), ids)
+        self.heads.append(first[:, 0])
         zero_ok = torch.stack([zero_ok_of(row).all(dim=1) for row in rows]).any(dim=0)
         label = encode(first[:, 0], zero_ok).reshape([sizes[c] for c in batch])
         shape = [out.shape[i] if c in sizes else 1 for i, c in enumerate(result)]
@@ -926,6 +1009,22 @@ def _collect_tensors(tree: Any, found: list[torch.Tensor]) -> None:
         found.append(tree)
     elif not isinstance(tree, _PLAIN):
         found.extend(leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor))
+
+
+def _first(kwargs: dict, *names: str) -> Any:
+    """The first of several alternative keyword arguments that was given (None if none was)."""
+    return next((kwargs[name] for name in names if name in kwargs), None)
+
+
+_SIGNATURES: dict[Callable, inspect.Signature] = {}
+
+
+def _signature(func: Callable) -> inspect.Signature:
+    """A Python function's signature, cached (rules that bind many arguments by name use it)."""
+    found = _SIGNATURES.get(func)
+    if found is None:
+        found = _SIGNATURES[func] = inspect.signature(func)
+    return found
 
 
 def _bind(args: tuple, kwargs: dict, names: tuple[str, ...]) -> list[Any]:
