@@ -13,12 +13,25 @@ after warm-up; each model is timed in turn, several rounds interleaved, so machi
 alike. Target (issue #4): latency speed-up at least 0.8 of the MAC reduction; tracing and pruning no
 slower than Torch-Pruning.
 
+What the step timings compare (each step of both libraries in turn, ``--timing-rounds`` times, on a
+fresh copy of the model where the step changes it; medians of wall-clock and process time):
+
+- tracing: ``pk.trace_dependencies(model, x, reuse=False)`` (the forward pass and the coupled
+  channel groups) against ``tp.DependencyGraph().build_dependency(model, example_inputs=x)``, which
+  records the graph only: Torch-Pruning finds its groups later, inside the pruner's step, so a second
+  row adds its ``get_all_groups`` to compare the same work;
+- pruning: ``pk.prune(...).remove()`` then ``pk.compact(model, x, inplace=True, check=False)``
+  against ``MetaPruner(...)`` then ``step()``, tracing included on both sides. Torch-Pruning checks
+  nothing; prunekit's ``check=True`` (the default) runs the masked model and the compacted one on
+  the example inputs and compares them, which is timed on its own row.
+
 Run:  python benchmarks/structured_resnet50.py        (needs torchvision and torch-pruning; ~3 minutes)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -39,39 +52,54 @@ def _model():
     return torchvision.models.resnet50(weights=None).eval()
 
 
-def _median_seconds(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _prunekit(x):
-    model = _model()
-    deps = pk.trace_dependencies(model, x, reuse=False)
-    trace_s = _median_seconds(lambda: pk.trace_dependencies(model, x, reuse=False))
-    model = _model()  # a fresh model: the timed prune traces it (compact then reuses that trace)
-    start = time.perf_counter()
+def _prunekit_prune(model, x, check: bool = False):
     pk.prune(model, 0.5, criterion="l2", granularity="out_channel", scope="local", example_inputs=x).remove()
-    small = pk.compact(model, x, inplace=True, check=False)
-    total_s = time.perf_counter() - start
-    return small, trace_s, total_s, deps.num_units
+    return pk.compact(model, x, inplace=True, check=check)
 
 
-def _torch_pruning(x):
+def _torch_pruning_prune(model, x):
     import torch_pruning as tp
 
-    model = _model()
-    trace_s = _median_seconds(lambda: tp.DependencyGraph().build_dependency(model, example_inputs=x))
-    start = time.perf_counter()
     pruner = tp.pruner.MetaPruner(
         model, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.5, ignored_layers=[model.fc]
     )
     pruner.step()
-    total_s = time.perf_counter() - start
-    return model, trace_s, total_s
+    return model
+
+
+def _torch_pruning_groups(model, x):
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    return list(graph.get_all_groups(ignored_layers=[model.fc], root_module_types=[torch.nn.Conv2d, torch.nn.Linear]))
+
+
+def _step_timings(x, rounds: int) -> tuple[dict[str, tuple[float, float]], dict[str, torch.nn.Module], int]:
+    """{step: (median wall-clock s, median process-time s)}: every step once per round, in turn, so machine
+    noise hits both libraries alike; steps that change the model get a fresh copy (copied untimed)."""
+    import torch_pruning as tp
+
+    template, traced = _model(), _model()
+    steps = {
+        "prunekit trace": lambda: pk.trace_dependencies(traced, x, reuse=False),
+        "Torch-Pruning trace": lambda: tp.DependencyGraph().build_dependency(traced, example_inputs=x),
+        "Torch-Pruning trace + groups": lambda: _torch_pruning_groups(traced, x),
+        "prunekit prune + compact": lambda model: _prunekit_prune(model, x),
+        "Torch-Pruning prune": lambda model: _torch_pruning_prune(model, x),
+        "prunekit prune + compact, check=True": lambda model: _prunekit_prune(model, x, check=True),
+    }
+    fresh = {"prunekit prune + compact", "Torch-Pruning prune", "prunekit prune + compact, check=True"}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+    results = {}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            args = (copy.deepcopy(template),) if name in fresh else ()
+            wall, cpu = time.perf_counter(), time.process_time()
+            results[name] = step(*args)
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    medians = {name: tuple(statistics.median(t[i] for t in values) for i in (0, 1)) for name, values in times.items()}
+    units = pk.trace_dependencies(traced, x).num_units
+    return medians, results, units
 
 
 def _latency(models: dict, batch: torch.Tensor, rounds: int, repeats: int) -> dict[str, float]:
@@ -89,10 +117,18 @@ def _latency(models: dict, batch: torch.Tensor, rounds: int, repeats: int) -> di
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _row(step: str, ours: tuple[float, float], theirs: tuple[float, float]) -> str:
+    return (
+        f"| {step} | {ours[0]:.3f} s ({ours[1]:.3f} s) | {theirs[0]:.3f} s ({theirs[1]:.3f} s) | "
+        f"{ours[0] / theirs[0]:.2f} ({ours[1] / theirs[1]:.2f}) |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timing-rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     x = torch.randn(1, 3, 224, 224)
@@ -100,8 +136,10 @@ def main() -> None:
     with torch.no_grad():  # warm up torch (allocator, kernels) so neither method pays the first call
         for _ in range(3):
             dense(x)
-    ours, our_trace, our_total, units = _prunekit(x)
-    theirs, their_trace, their_total = _torch_pruning(x)
+    pk.trace_dependencies(dense, x, reuse=False)  # first calls (imports, caches) untimed on both sides
+    _torch_pruning_groups(dense, x)
+    step, results, units = _step_timings(x, args.timing_rounds)
+    ours, theirs = results["prunekit prune + compact"], results["Torch-Pruning prune"]
     models = {"dense": dense, "prunekit": ours, "Torch-Pruning": theirs}
     stats = {name: pk.summary(model, example_inputs=x) for name, model in models.items()}
     latency = _latency(models, torch.randn(8, 3, 224, 224), args.rounds, args.repeats)
@@ -128,12 +166,20 @@ median of {args.rounds} rounds × {args.repeats} forward passes, batch 8 at 224�
 
 Target: speed-up / MAC reduction ≥ 0.8 for prunekit's compacted model.
 
+Steps on 1×3×224×224 example inputs, {torch.get_num_threads()} threads, median of {args.timing_rounds} rounds
+(both libraries in turn each round); wall-clock time, process time in brackets:
+
 | step | prunekit | Torch-Pruning | ratio (prunekit / Torch-Pruning) |
 |---|---|---|---|
-| trace dependencies (1×3×224×224, median of 3) | {our_trace:.2f} s | {their_trace:.2f} s | {our_trace / their_trace:.2f} |
-| prune + compact (one call each, traces included) | {our_total:.2f} s | {their_total:.2f} s | {our_total / their_total:.2f} |
+{_row("trace dependencies", step["prunekit trace"], step["Torch-Pruning trace"])}
+{_row("trace, groups included (same work)", step["prunekit trace"], step["Torch-Pruning trace + groups"])}
+{_row("prune + compact (traces included)", step["prunekit prune + compact"], step["Torch-Pruning prune"])}
+{_row("prune + compact with check=True", step["prunekit prune + compact, check=True"], step["Torch-Pruning prune"])}
 
-prunekit found {units} removable channel groups.
+Torch-Pruning's trace records the graph only; its groups are found in the pruner's step, so the second
+row adds its `get_all_groups`. prunekit's trace returns the coupled groups. `check=True` (the default)
+runs the masked and the compacted model once each on the example inputs and compares their outputs;
+Torch-Pruning has no such check. prunekit found {units} removable channel groups.
 """
     path = write_result("structured_resnet50", text)
     print(text)

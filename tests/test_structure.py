@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -494,3 +495,49 @@ def test_a_trace_is_reused_only_while_nothing_it_depends_on_changes():
     model[0] = nn.Linear(4, 6)
     model[2] = nn.Linear(6, 2)
     assert trace_dependencies(model, x).num_units == 6
+
+
+def _count_forwards(model: nn.Module) -> list[int]:
+    """Runs of this very module (compact's deep copy inherits the hook, but is another module)."""
+    calls = [0]
+    model.register_forward_hook(lambda module, *_: calls.__setitem__(0, calls[0] + (module is model)))
+    return calls
+
+
+def test_compact_checks_against_a_fresh_trace_without_running_the_model_again():
+    torch.manual_seed(0)
+    model, x = _randomize_norms(ResidualNet()).eval(), torch.randn(2, 3, 8, 8)
+    pk.prune(model, 0.5, criterion="l2", granularity="out_channel", example_inputs=x).remove()
+    with torch.no_grad():
+        masked = model(x)
+    fresh = copy.deepcopy(model)  # no trace cached for the copy: compact traces it, and that run is the reference
+    calls = _count_forwards(fresh)
+    small = pk.compact(fresh, x)
+    assert calls[0] == 1
+    with torch.no_grad():
+        _assert_close(masked, small(x))
+    calls = _count_forwards(model)  # the trace cached by prune predates the zeroed weights: the model runs
+    pk.compact(model, x)
+    assert calls[0] == 1
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_compact_check_catches_a_wrong_compaction(cached, monkeypatch):
+    compact_module = importlib.import_module("prunekit.compact")  # (pk.compact is the function)
+
+    torch.manual_seed(0)
+    model, x = _randomize_norms(ResidualNet()).eval(), torch.randn(2, 3, 8, 8)
+    pk.prune(model, 0.5, criterion="l2", granularity="out_channel", example_inputs=x).remove()
+    if not cached:
+        model = copy.deepcopy(model)
+    apply_plan = compact_module.apply_plan
+
+    def wrong(small, plan):  # slices as planned, then changes one kept weight
+        apply_plan(small, plan)
+        with torch.no_grad():
+            small.head.weight[0, 0] += 1.0
+        return small
+
+    monkeypatch.setattr(compact_module, "apply_plan", wrong)
+    with pytest.raises(pk.CompactionError):
+        pk.compact(model, x)

@@ -473,9 +473,12 @@ class Pruner:
         """Masks for coupled structured pruning: whole dependency groups (see :mod:`prunekit.structure`)."""
         deps = self.dependencies
         by_name = {t.full_name: t for t in self.targets}
-        scores = unit_scores(
-            deps, {name: (lambda t=t: self.criterion.score(t)) for name, t in by_name.items()}, self.criterion.reduce
-        )
+        if type(self.criterion) is L2Magnitude:
+            # Squares of |w| are squares of w: the L2 norms need no |w| copy of every weight.
+            element_scores = {name: (lambda t=t: t.param.detach()) for name, t in by_name.items()}
+        else:
+            element_scores = {name: (lambda t=t: self.criterion.score(t)) for name, t in by_name.items()}
+        scores = unit_scores(deps, element_scores, self.criterion.reduce)
         if torch.isnan(scores).any():
             raise ValueError(f"criterion {self.criterion.name!r} gave NaN scores")
         num_families = len(deps.families)

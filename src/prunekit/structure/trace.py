@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -43,8 +44,10 @@ class UnsupportedOperationError(RuntimeError):
 
 
 def encode(ids: torch.Tensor, zero_ok: bool | torch.Tensor) -> torch.Tensor:
-    label = ids * 2 + (zero_ok.long() if isinstance(zero_ok, torch.Tensor) else int(bool(zero_ok)))
-    return torch.where(ids >= 0, label, torch.full_like(label, NONE))
+    label = ids * 2
+    label += zero_ok if isinstance(zero_ok, torch.Tensor) else int(bool(zero_ok))
+    # A negative id gives 2·id + z ≤ −1: clamping maps it to NONE (one call, where torch.where needs three).
+    return label.clamp_min_(NONE)
 
 
 def ids_of(label: torch.Tensor) -> torch.Tensor:
@@ -111,6 +114,20 @@ _REVERSED = {"radd": "add", "rmul": "mul", "rsub": "rsub", "rtruediv": "rtruediv
 
 def op_name(func: Callable) -> str:
     """A canonical name: ``x += y`` and ``torch.add`` are both ``add``, ``x.T`` is ``property:T``."""
+    try:
+        return _OP_NAMES[func]
+    except KeyError:
+        name = _OP_NAMES[func] = _op_name(func)
+    except TypeError:  # an unhashable callable
+        name = _op_name(func)
+    return name
+
+
+# The tracer asks for the name of every call it sees; the same few functions come back every time.
+_OP_NAMES: dict[Callable, str] = {}
+
+
+def _op_name(func: Callable) -> str:
     name = getattr(func, "__name__", "") or ""
     if name == "__get__":
         return "property:" + getattr(getattr(func, "__self__", None), "__name__", "?")
@@ -141,16 +158,21 @@ class ChannelTracer(TorchFunctionMode):
         self.graph = ChannelGraph()
         self.labels: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.owners: dict[int, tuple[str, str, torch.Tensor]] = {}
-        for module_name, module in model.named_modules(remove_duplicate=False):
+        #: (name, module) of every module, shared ones under each name (walked once: models have hundreds).
+        self.named_modules = list(model.named_modules(remove_duplicate=False))
+        for module_name, module in self.named_modules:
             for kind in (module._parameters, module._buffers):
                 for tensor_name, tensor in kind.items():
                     if tensor is not None and id(tensor) not in self.owners:
                         self.owners[id(tensor)] = (module_name, tensor_name, tensor)
         self.excluded = {id(m) for m in excluded}
-        self.module_names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+        self.module_names = {id(m): name for name, m in self.named_modules}
+        self._modules = {id(m): m for _, m in self.named_modules}
         self.stack: list[str] = []
         self.opaque_depth = 0
         self._zero_test_cache: dict[Any, bool] = {}
+        # Parameter lookups repeat every time a layer runs: (id, dim, size, producer, consumer) -> ids.
+        self._param_ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         #: (input labels, dim) of every selection by position (x[:, :k], narrow, split with sizes, ...):
         #: a unit that fills only part of that dimension must stay, since the positions are constants.
         self.positional: list[tuple[torch.Tensor, int]] = []
@@ -163,10 +185,14 @@ class ChannelTracer(TorchFunctionMode):
         #: Tensors that mix every head of an attention module (head-averaged attention weights): reading
         #: them pins those heads (tensor -> head ids).
         self.head_mixtures: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # Hooks only where they are needed: on the excluded modules. A hook on every module would make each
+        # module call take torch's slow path; the module an error message names is found from the Python
+        # frames instead (see where).
         self._handles = []
-        for module in model.modules():
-            self._handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._leave, with_kwargs=True, always_call=True))
+        for module in self._modules.values():
+            if id(module) in self.excluded:
+                self._handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._leave, with_kwargs=True, always_call=True))
 
     # -------------------------------------------------------------- module bookkeeping
 
@@ -196,6 +222,13 @@ class ChannelTracer(TorchFunctionMode):
 
     @property
     def where(self) -> str:
+        """The name of the innermost module of the model whose code is running (for messages)."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            module = frame.f_locals.get("self")
+            if module is not None and self._modules.get(id(module)) is module:
+                return self.module_names[id(module)] or "<the model's own forward>"
+            frame = frame.f_back
         return self.stack[-1] if self.stack and self.stack[-1] else "<the model's own forward>"
 
     # -------------------------------------------------------------- labels
@@ -205,35 +238,60 @@ class ChannelTracer(TorchFunctionMode):
         return None if found is None or found[2] is not tensor else found[:2]
 
     def param_ids(self, tensor: torch.Tensor, dim: int, producer: bool = False, consumer: bool = False) -> torch.Tensor:
+        key = (id(tensor), dim, tensor.shape[dim], producer, consumer)
+        found = self._param_ids.get(key)
+        if found is not None and found[0] is tensor:  # the same call again: nothing new to record
+            return found[1]
         owner, name = self.owner(tensor)
-        return self.graph.ids(owner, name, dim % tensor.ndim, tensor.shape[dim], producer, consumer)
+        ids = self.graph.ids(owner, name, dim % tensor.ndim, tensor.shape[dim], producer, consumer)
+        self._param_ids[key] = (tensor, ids)
+        return ids
 
     def label(self, tensor: Any) -> torch.Tensor | None:
         """The label tensor of an activation or parameter (None for plain data)."""
         if not isinstance(tensor, torch.Tensor):
             return None
         found = self.labels.get(tensor)
-        if found is not None or not isinstance(tensor, nn.Parameter) or self.owner(tensor) is None:
+        if found is not None:
             return found
-        # A parameter used outside a layer (a position embedding, a layer scale, a bias table): its channels
-        # are its last dimension longer than 1.
-        dims = [d for d in range(tensor.ndim) if tensor.shape[d] > 1]
-        if not dims:
+        dim = self._parameter_channel_dim(tensor)
+        if dim is None:
             return None
-        dim = dims[-1]
         ids = self.param_ids(tensor, dim)
         shape = [1] * tensor.ndim
         shape[dim] = -1
         return encode(ids, True).reshape(shape).expand(tuple(tensor.shape))
 
+    def _parameter_channel_dim(self, tensor: torch.Tensor) -> int | None:
+        """A parameter used outside a layer (a position embedding, a layer scale, a bias table): its channels
+        are its last dimension longer than 1 (None for anything else)."""
+        if self.owner(tensor) is None or not isinstance(tensor, nn.Parameter):
+            return None
+        dims = [d for d in range(tensor.ndim) if tensor.shape[d] > 1]
+        return dims[-1] if dims else None
+
+    def has_label(self, tensor: Any) -> bool:
+        """``self.label(tensor) is not None`` (with the same ids allocated), without building the label."""
+        if not isinstance(tensor, torch.Tensor):
+            return False
+        if self.labels.get(tensor) is not None:
+            return True
+        dim = self._parameter_channel_dim(tensor)
+        if dim is None:
+            return False
+        self.param_ids(tensor, dim)
+        return True
+
     def full_label(self, tensor: torch.Tensor) -> torch.Tensor:
         found = self.label(tensor)
         return torch.full(tuple(tensor.shape), NONE, dtype=torch.int64) if found is None else found
 
-    def set_label(self, tensor: Any, label: torch.Tensor | None) -> None:
+    def set_label(self, tensor: Any, label: torch.Tensor | None, has_channels: bool = False) -> None:
+        """Record ``tensor``'s labels (forgotten when None or all plain data); ``has_channels`` says the
+        caller knows some entry holds a channel (saves the test)."""
         if not _is_float_tensor(tensor):
             return
-        if label is None or not bool((_unbroadcast(label) >= 0).any()):
+        if label is None or not ((has_channels and label.numel()) or bool((_unbroadcast(label) >= 0).any())):
             self.labels.pop(tensor, None)
             return
         if tuple(label.shape) != tuple(tensor.shape):
@@ -245,19 +303,14 @@ class ChannelTracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = op_name(func)
-        before = None
-        if name in ("setitem", "copy") and not self.opaque_depth:
-            before = self.full_label(args[0]).clone()
+        if name in ("setitem", "copy"):
+            return self._write_call(name, func, args, kwargs)
         out = func(*args, **kwargs)
         if self.opaque_depth:
             return out
-        inputs = [t for t in tensor_leaves((args, kwargs)) if self.label(t) is not None]
-        if not inputs:
-            if name in ("setitem", "copy"):
-                self.set_label(args[0], None)
-            return out
-        if name in ("setitem", "copy"):
-            self._write(name, args, kwargs, before)
+        # has_label on every input, not just up to the first labelled one: it gives a parameter its ids
+        # as label() would, so ids are allocated in the same order whatever the call returns.
+        if not any([self.has_label(t) for t in tensor_leaves((args, kwargs))]):
             return out
         if not any(_is_float_tensor(t) for t in tensor_leaves(out)):
             return out
@@ -271,6 +324,18 @@ class ChannelTracer(TorchFunctionMode):
                 f"({type(error).__name__}: {error}); exclude that module (exclude=[{self.where!r}]) to leave it "
                 "unpruned, or report the operation"
             ) from error
+        return out
+
+    def _write_call(self, name, func, args, kwargs):
+        """``x[i] = y`` and ``x.copy_(y)``: the labels of ``x`` before the write are needed after it."""
+        before = None if self.opaque_depth else self.full_label(args[0]).clone()
+        out = func(*args, **kwargs)
+        if self.opaque_depth:
+            return out
+        if any([self.has_label(t) for t in tensor_leaves((args, kwargs))]):
+            self._write(name, args, kwargs, before)
+        else:
+            self.set_label(args[0], None)
         return out
 
     def _rule(self, name, func, args, kwargs, out) -> None:
@@ -437,14 +502,14 @@ class ChannelTracer(TorchFunctionMode):
     # -------------------------------------------------------------- elementwise
 
     def _elementwise(self, name, func, args, kwargs, out) -> None:
-        tensors = [a for a in _leaves(list(args)) if _is_float_tensor(a)]
+        tensors = [a for a in tensor_leaves(list(args)) if _is_float_tensor(a)]
         scalars = [a for a in args[:2] if isinstance(a, (int, float)) and not isinstance(a, bool)]
         shape = tuple(out.shape)
         labelled = [t for t in tensors if self.label(t) is not None]
         if len(labelled) == 1:
             # One channel-carrying operand (activation functions, scaling, adding a constant): nothing to
             # couple, and the result keeps its labels, zero-preserving or not.
-            label = self.label(labelled[0]).expand(shape)
+            label = self.label(labelled[0]).expand(shape)  # a stored label (or a parameter's): has channels
             if name in _PRODUCT_LIKE:
                 keeps = True
             elif name in _QUOTIENT_LIKE:
@@ -453,7 +518,7 @@ class ChannelTracer(TorchFunctionMode):
                 keeps = len(tensors) == 1 and all(value == 0 for value in scalars)
             else:
                 keeps = self._keeps_zero(func, args, kwargs)
-            self.set_label(out, label if keeps else torch.where(label >= 0, label & ~1, label))
+            self.set_label(out, label if keeps else torch.where(label >= 0, label & ~1, label), has_channels=True)
             return
         labels = [self.full_label(t).expand(shape) for t in tensors]
         # Work on one slice of the dimensions every operand broadcasts over, and broadcast the result.
@@ -462,8 +527,7 @@ class ChannelTracer(TorchFunctionMode):
         shape = tuple(labels[0].shape) if labels else shape
         ids = torch.stack([ids_of(label) for label in labels])
         first = ids.amax(dim=0)  # any member will do: they are joined just below
-        for row in ids:
-            self.graph.join(first, row)
+        self.graph.join(first.expand_as(ids), ids)
         zero = torch.stack([zero_ok_of(label) for label in labels])
         if name in _PRODUCT_LIKE:
             zero_ok = zero.any(dim=0)
@@ -517,6 +581,8 @@ class ChannelTracer(TorchFunctionMode):
             return label
         full = [1 if d in dims else size for d, size in enumerate(label.shape)]
         label = _unbroadcast(label)  # a broadcast dimension is constant by construction
+        if all(label.shape[d] == 1 for d in dims):  # the usual case: a layer's output, broadcast over pixels
+            return label.expand(full)
         low = label.amin(dim=dims, keepdim=True)
         high = label.amax(dim=dims, keepdim=True)
         constant = low == high
@@ -573,7 +639,7 @@ class ChannelTracer(TorchFunctionMode):
         per_index = self._constant_along(label, tuple(d for d in range(label.ndim) if d != dim)).reshape(-1)
         channel = ids_of(per_index)
         # A channel that is not zero where it is pruned changes the layer's output: it must stay.
-        self.graph.pin(channel[(channel >= 0) & ~zero_ok_of(per_index)])
+        self.graph.pin_labels(per_index)
         if ids is None:
             self.graph.pin(channel)
         else:
@@ -605,7 +671,7 @@ class ChannelTracer(TorchFunctionMode):
         self.consume(self.label(x), -1, self.param_ids(weight, 1, consumer=True))
         out_ids = self.param_ids(weight, 0, producer=True)
         self._join_param(bias, 0, out_ids)
-        self.set_label(out, self.produce(tuple(out.shape), -1, out_ids))
+        self.set_label(out, self.produce(tuple(out.shape), -1, out_ids), has_channels=True)
 
     def _conv(self, x, weight, bias, stride, padding, dilation, groups, out) -> None:
         groups = 1 if groups is None else int(groups)
@@ -631,7 +697,7 @@ class ChannelTracer(TorchFunctionMode):
             channel = ids_of(label.movedim(channel_dim, 0).reshape(label.shape[channel_dim], -1).amax(dim=1))
             self.graph.pin(per_input[channel < 0])
         self._join_param(bias, 0, out_ids)
-        self.set_label(out, self.produce(tuple(out.shape), channel_dim, out_ids))
+        self.set_label(out, self.produce(tuple(out.shape), channel_dim, out_ids), has_channels=True)
 
     def _conv_transpose(self, args, kwargs, out) -> None:
         x, weight, bias = _bind(args, kwargs, ("input", "weight", "bias"))
@@ -645,7 +711,7 @@ class ChannelTracer(TorchFunctionMode):
         self.consume(self.label(x), channel_dim, self.param_ids(weight, 0, consumer=True))
         out_ids = self.param_ids(weight, 1, producer=True)
         self._join_param(bias, 0, out_ids)
-        self.set_label(out, self.produce(tuple(out.shape), channel_dim, out_ids))
+        self.set_label(out, self.produce(tuple(out.shape), channel_dim, out_ids), has_channels=True)
 
     def _batch_norm(self, name, args, kwargs, out) -> None:
         x, mean, var, weight, bias = _bind(args, kwargs, ("input", "running_mean", "running_var", "weight", "bias"))
@@ -697,7 +763,7 @@ class ChannelTracer(TorchFunctionMode):
             self.consume(self.label(a), -1, self.param_ids(b, 0, consumer=True))
             out_ids = self.param_ids(b, 1, producer=True)
             self._join_param(bias, 0, out_ids)
-            self.set_label(out, self.produce(tuple(out.shape), -1, out_ids))
+            self.set_label(out, self.produce(tuple(out.shape), -1, out_ids), has_channels=True)
             return
         if self.owner(a) is not None and a.ndim == 2:  # W @ x
             self.consume(self.label(b), -2 if b.ndim > 1 else 0, self.param_ids(a, 1, consumer=True))
@@ -869,13 +935,17 @@ class ChannelTracer(TorchFunctionMode):
 
 def _broadcast_dims(label: torch.Tensor) -> list[int]:
     """Dimensions along which a (broadcast) label tensor repeats one slice: stride 0, size > 1."""
-    return [d for d in range(label.ndim) if label.stride(d) == 0 and label.shape[d] > 1]
+    return [d for d, (stride, size) in enumerate(zip(label.stride(), label.shape)) if stride == 0 and size > 1]
 
 
 def _narrow(label: torch.Tensor, dims: Iterable[int]) -> torch.Tensor:
-    for dim in dims:
-        label = label.narrow(dim, 0, 1)
-    return label
+    """The first slice along each of ``dims`` (size 1 there): one strided view, where a narrow() per
+    dimension costs a call each."""
+    dims = set(dims)
+    if not dims:
+        return label
+    shape = [1 if d in dims else size for d, size in enumerate(label.shape)]
+    return label.as_strided(shape, label.stride(), label.storage_offset())
 
 
 def _unbroadcast(label: torch.Tensor) -> torch.Tensor:
@@ -912,7 +982,33 @@ def tensor_leaves(tree: Any) -> list[torch.Tensor]:
         return [tree]
     if hasattr(tree, "to_tuple") and callable(tree.to_tuple):  # Hugging Face ModelOutput
         tree = tree.to_tuple()
-    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+    found: list[torch.Tensor] = []
+    _collect_tensors(tree, found)
+    return found
+
+
+# Values that hold no tensor: an operation's arguments are mostly these, and telling them apart here
+# is much cheaper than a pytree traversal.
+_PLAIN = (int, float, bool, complex, str, bytes, type(None), type(Ellipsis), slice, torch.Size, torch.dtype,
+          torch.device, torch.layout, torch.memory_format)  # fmt: skip
+
+
+def _collect_tensors(tree: Any, found: list[torch.Tensor]) -> None:
+    """The tensors of ``pytree.tree_leaves(tree)``, in that order: plain lists, tuples and dicts are walked
+    here, anything else pytree knows (named tuples, ordered dicts, registered classes) goes to pytree."""
+    kind = type(tree)
+    if kind is tuple or kind is list:
+        for item in tree:
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+            elif not isinstance(item, _PLAIN):
+                _collect_tensors(item, found)
+    elif kind is dict:
+        _collect_tensors(list(tree.values()), found)
+    elif isinstance(tree, torch.Tensor):
+        found.append(tree)
+    elif not isinstance(tree, _PLAIN):
+        found.extend(leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor))
 
 
 def _first(kwargs: dict, *names: str) -> Any:

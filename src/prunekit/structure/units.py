@@ -23,7 +23,8 @@ def unit_scores(
     reduce: str,
 ) -> torch.Tensor:
     """One float64 score per unit; ``element_scores[tensor full name]()`` gives a weight's element scores."""
-    total = torch.zeros(dependencies.num_units, dtype=torch.float64)
+    spare = dependencies.num_units  # a last slot for the indices in no unit (cheaper than masking them out)
+    total = torch.zeros(spare + 1, dtype=torch.float64)
     cache: dict[str, torch.Tensor] = {}
     for piece in dependencies.slices:
         make = element_scores.get(piece.full_name)
@@ -32,14 +33,26 @@ def unit_scores(
         if piece.full_name not in cache:
             cache[piece.full_name] = make().detach()
         scores = cache[piece.full_name]
-        others = tuple(d for d in range(scores.ndim) if d != piece.dim)
-        if reduce == "l2":  # a norm per index, squared, so that members add up to the group's squared norm
-            per_index = torch.linalg.vector_norm(scores.float(), 2, dim=others).double().square()
-        else:
-            per_index = scores.float().sum(dim=others).double()
-        has_unit = piece.unit >= 0
-        total.index_add_(0, piece.unit[has_unit], per_index.cpu()[has_unit])
+        per_index = _per_index(scores, piece.dim, reduce)
+        total.index_add_(0, torch.where(piece.unit >= 0, piece.unit, spare), per_index.cpu())
+    total = total[:spare]
     return total.sqrt() if reduce == "l2" else total
+
+
+def _per_index(scores: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
+    """Float64 sum (reduce="sum") or squared L2 norm (reduce="l2", so that members add up to the group's
+    squared norm) of the scores of each index of ``dim``."""
+    if dim == 0:
+        if reduce == "l2":
+            return torch.linalg.vector_norm(scores.float(), 2, dim=tuple(range(1, scores.ndim))).double().square()
+        return scores.float().sum(dim=tuple(range(1, scores.ndim))).double()
+    # Any other dimension (the input channels of a weight): reducing over the leading dimensions in one
+    # go strides through memory and is many times slower than summing whole leading slices first.
+    size = scores.shape[dim]
+    grid = scores.float().reshape(math.prod(scores.shape[:dim]), size, -1)
+    if reduce == "l2":
+        grid = grid.square()
+    return grid.sum(dim=0).sum(dim=1).double()
 
 
 def choose_units(
