@@ -51,7 +51,7 @@ Machine: {machine()}. Date: {today()}. Command: `python benchmarks/trace_llama7b
 
 Units: every layer's 32 heads (query, key, value and output-projection slices of one head) and 11008 MLP
 neurons (gate, up and down slices); the hidden size is kept (RMSNorm normalises over it and it reaches
-the output). The machine was shared with other jobs during the run, so the time is an upper bound.
+the output). Times on this virtual machine vary by about ±10% from run to run.
 """
     path = write_result("trace_llama7b_meta", text)
     print(text)
