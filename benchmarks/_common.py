@@ -7,6 +7,8 @@ import datetime
 import gc
 import os
 import platform
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -168,3 +170,20 @@ def study_main(doc: str, study: str, protocols: dict, run, report, plot, argv=No
     text = report(results, protocols[mode], mode, split, seconds, name)
     (out / f"{name}.md").write_text(text)
     print(text)
+
+
+def interleaved_latency(models: dict, batch, rounds: int, repeats: int) -> dict[str, float]:
+    """Median seconds per forward pass of each model on ``batch`` (eval mode is the caller's), no grad:
+    every model once per round, in turn, ``repeats`` passes each, so the machine's drift hits all alike."""
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            for _ in range(2):
+                model(batch)
+        for _ in range(rounds):
+            for name, model in models.items():
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    model(batch)
+                times[name].append((time.perf_counter() - start) / repeats)
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, machine, today, write_result  # noqa: E402
+from _common import RESULTS, interleaved_latency, machine, today, write_result  # noqa: E402
 
 import prunekit as pk  # noqa: E402
 
@@ -56,20 +54,6 @@ def _torch_pruning(model, x, ratio):
     return model
 
 
-def _latency(models: dict, batch: torch.Tensor, rounds: int, repeats: int) -> dict[str, float]:
-    times = {name: [] for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            model(batch)
-        for _ in range(rounds):
-            for name, model in models.items():
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    model(batch)
-                times[name].append((time.perf_counter() - start) / repeats)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -84,7 +68,7 @@ def main() -> None:
             ours = _prunekit(copy.deepcopy(dense), x, ratio)
             theirs = _torch_pruning(copy.deepcopy(dense), x, ratio)
             models = {"dense": dense, "prunekit": ours, "Torch-Pruning": theirs}
-            latency = _latency(models, batch, args.rounds, args.repeats)
+            latency = interleaved_latency(models, batch, args.rounds, args.repeats)
             cells = []
             for library in ("prunekit", "Torch-Pruning"):
                 stats = pk.summary(models[library], example_inputs=x)

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, today, write_result  # noqa: E402
+from _common import interleaved_latency, machine, today, write_result  # noqa: E402
 
 import prunekit as pk  # noqa: E402
 
@@ -102,21 +102,6 @@ def _step_timings(x, rounds: int) -> tuple[dict[str, tuple[float, float]], dict[
     return medians, results, units
 
 
-def _latency(models: dict, batch: torch.Tensor, rounds: int, repeats: int) -> dict[str, float]:
-    times = {name: [] for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            for _ in range(2):
-                model(batch)
-        for _ in range(rounds):
-            for name, model in models.items():
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    model(batch)
-                times[name].append((time.perf_counter() - start) / repeats)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def _row(step: str, ours: tuple[float, float], theirs: tuple[float, float]) -> str:
     return (
         f"| {step} | {ours[0]:.3f} s ({ours[1]:.3f} s) | {theirs[0]:.3f} s ({theirs[1]:.3f} s) | "
@@ -142,7 +127,7 @@ def main() -> None:
     ours, theirs = results["prunekit prune + compact"], results["Torch-Pruning prune"]
     models = {"dense": dense, "prunekit": ours, "Torch-Pruning": theirs}
     stats = {name: pk.summary(model, example_inputs=x) for name, model in models.items()}
-    latency = _latency(models, torch.randn(8, 3, 224, 224), args.rounds, args.repeats)
+    latency = interleaved_latency(models, torch.randn(8, 3, 224, 224), args.rounds, args.repeats)
 
     rows = []
     for name in models:
