@@ -89,3 +89,23 @@ def test_global_magnitude_prunes_the_lowest_ties_to_the_earlier(monkeypatch, sor
         expected = expected.reshape(before[li].shape)
         assert torch.equal(pk.masked_parameters(model)[f"{li}.weight"], expected), li
         assert torch.equal(layer.weight.detach(), torch.where(expected, before[li], torch.zeros(()))), li
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.py's machine)")
+@pytest.mark.parametrize("scope", ["global", "local"])
+@pytest.mark.parametrize("min_kept", [0, 3])
+@pytest.mark.parametrize("sort_on_device", [True, False])
+def test_masks_on_a_gpu_equal_those_on_the_cpu(monkeypatch, scope, min_kept, sort_on_device):
+    """Ranked on the GPU in one sort, or by the counting passes: the same masks as on the CPU."""
+    cpu = _model(0)
+    pk.prune(cpu, 0.9, scope=scope, min_kept=min_kept)
+    if not sort_on_device:
+        monkeypatch.setattr(selection, "DEVICE_SORT_LIMIT", 0)
+        monkeypatch.setattr(selection, "SORT_LIMIT", 0)
+        monkeypatch.setattr(selection, "SAMPLE_SIZE", 64)
+    gpu = _model(0).cuda()
+    pk.prune(gpu, 0.9, scope=scope, min_kept=min_kept)
+    expected, found = pk.masked_parameters(cpu), pk.masked_parameters(gpu)
+    assert expected.keys() == found.keys()
+    for name in expected:
+        assert torch.equal(expected[name], found[name].cpu()), name

@@ -774,6 +774,11 @@ class _LayerScores:
         self.direct_magnitude = type(self.criterion) in (Magnitude, L2Magnitude) and self.in_weight_order
         self.alive = pruner._alive_units(target)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the scores are computed: the weight's device."""
+        return self.target.param.device
+
     @cached_property
     def signed_scores(self) -> torch.Tensor | None:
         """The flat float32 weight when the scores are exactly its absolute values (magnitude per
