@@ -31,7 +31,7 @@ from . import masks as mask_store
 from .attention import shrink_multihead_attention
 from .structure.dependencies import ChannelDependencies, call_model, trace_with_output
 from .structure.trace import tensor_leaves
-from .targets import LayerSelector
+from .targets import LayerSelector, is_hf_conv1d
 
 PLAN_FORMAT = "prunekit-plan/1"
 
@@ -255,7 +255,7 @@ def update_shape_attributes(module: nn.Module) -> None:
         module.normalized_shape = tuple(weight.shape)
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = weight.shape[1]
-    elif type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int):
+    elif is_hf_conv1d(module):
         module.nf = weight.shape[1]  # Hugging Face's GPT-2 Conv1D: weight stored (in, out)
 
 
@@ -272,7 +272,7 @@ def projection_width(layer: Any) -> int | None:
     is stored (in, out)."""
     if isinstance(layer, nn.Linear):
         return layer.out_features
-    if type(layer).__name__ == "Conv1D" and isinstance(getattr(layer, "weight", None), torch.Tensor):
+    if is_hf_conv1d(layer) and isinstance(getattr(layer, "weight", None), torch.Tensor):
         return layer.weight.shape[1]
     return None
 

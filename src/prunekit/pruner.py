@@ -192,7 +192,7 @@ class Pruner:
         self._rewind_step: int | None = None
         self._rewind_state: dict[str, torch.Tensor] | None = None
         self._keep_cache: dict[str, torch.Tensor] = {}
-        self._enforced: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._enforced: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._handles: list[Any] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._removed = False
@@ -222,17 +222,17 @@ class Pruner:
                 found.append((target.module, target.bias_name, target.name_of(target.bias_name)))
         return found
 
-    def _enforced_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(parameter, bool keep-mask) for every masked parameter, built once per mask change."""
+    def _enforced_masks(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every masked parameter and its keep-mask's bytes read as uint8 (1 = kept; a view of the
+        cached bool mask, see :func:`prunekit.masks.zero_pruned`), built once per mask change."""
         if self._enforced is None:
-            pairs = []
+            params, byte_masks = [], []
             for module, param_name, full_name in self._maskable_params:
                 keep = self._keep(module, param_name, full_name)
                 if keep is not None:
-                    pairs.append((getattr(module, param_name), keep))
-            self._enforced = pairs
-            # The masks' bytes read as uint8 (see masks.zero_pruned), for apply_masks.
-            self._enforced_lists = ([p for p, _ in pairs], [keep.view(torch.uint8) for _, keep in pairs])
+                    params.append(getattr(module, param_name))
+                    byte_masks.append(keep.view(torch.uint8))
+            self._enforced = (params, byte_masks)
         return self._enforced
 
     def _keep(self, module: nn.Module, param_name: str, full_name: str) -> torch.Tensor | None:
@@ -258,18 +258,17 @@ class Pruner:
     def apply_masks(self) -> None:
         """Zero every pruned weight in place (:meth:`step` does this; call it after editing weights yourself)."""
         self._check_alive()
-        pairs = self._enforced_pairs()
-        if pairs:
+        params, byte_masks = self._enforced_masks()
+        if params:
             # One foreach call for all of them: on a small network the Python of a loop over layers
             # costs as much as the products themselves.
-            params, byte_masks = self._enforced_lists
             torch._foreach_mul_(params, byte_masks)
 
     @torch.no_grad()
     def _mask_gradients(self) -> None:
-        for param, keep in self._enforced_pairs():
+        for param, byte_mask in zip(*self._enforced_masks()):
             if param.grad is not None:
-                mask_store.zero_pruned(param.grad, keep)
+                param.grad.mul_(byte_mask)
 
     @property
     def sparsity(self) -> float:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .attention import pruned_multi_head_attention_forward
+from .structure.dependencies import call_model
 from .targets import is_hf_conv1d
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -324,12 +325,7 @@ def _positions(
     try:
         model.eval()
         with torch.no_grad(), products:
-            if isinstance(example_inputs, dict):
-                model(**example_inputs)
-            elif isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
+            call_model(model, example_inputs)
     finally:
         model.train(was_training)
         for handle in handles:
