@@ -16,28 +16,59 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from . import hf
-from . import masks as mask_store
-from .attention import shrink_multihead_attention
-from .structure.dependencies import ChannelDependencies, call_model, trace_with_output
+from .core import masks as mask_store
+from .core.inputs import call_model
+from .core.layers import handler_for, is_hf_conv1d
+from .core.targets import LayerSelector
+from .structure.dependencies import ChannelDependencies, trace_with_output
 from .structure.trace import tensor_leaves
-from .targets import LayerSelector, is_hf_conv1d
+from .structure.units import removed_units
 
 PLAN_FORMAT = "prunekit-plan/1"
 
 
 class CompactionError(RuntimeError):
     """The compacted model does not compute what the masked model computes."""
+
+
+#: ``fn(model) -> plan or None``: where a model may carry an earlier plan besides ``model.prunekit_plan``
+#: (a Hugging Face config, :mod:`prunekit.hf`).
+_PLAN_READERS: list[Callable[[nn.Module], Mapping[str, Any] | None]] = []
+#: ``fn(model, plan)``: called once a model is compacted or loaded with a plan (to update a config).
+_PLAN_WRITERS: list[Callable[[nn.Module, Mapping[str, Any]], None]] = []
+
+
+def register_plan_hooks(
+    read: Callable[[nn.Module], Mapping[str, Any] | None] | None = None,
+    write: Callable[[nn.Module, Mapping[str, Any]], None] | None = None,
+) -> None:
+    """Let an integration read earlier plans from where it keeps them (``read(model)``) and record a
+    compacted or loaded model's plan there (``write(model, plan)``), e.g. in a Hugging Face config."""
+    if read is not None:
+        _PLAN_READERS.append(read)
+    if write is not None:
+        _PLAN_WRITERS.append(write)
+
+
+def _earlier_plan(model: nn.Module) -> Mapping[str, Any] | None:
+    plan = getattr(model, "prunekit_plan", None)
+    for read in _PLAN_READERS:
+        plan = plan or read(model)
+    return plan
+
+
+def _record_plan(model: nn.Module, plan: Mapping[str, Any]) -> None:
+    for write in _PLAN_WRITERS:
+        write(model, plan)
 
 
 def compact(
@@ -73,7 +104,7 @@ def compact(
     plan = _plan(dependencies, pruned_units)
     # A Hugging Face model loaded with plain from_pretrained has its earlier plan only in its config
     # (read, and checked to be prunekit's, before anything changes).
-    earlier_plan = getattr(model, "prunekit_plan", None) or hf.saved_plan(model)
+    earlier_plan = _earlier_plan(model)
     reference = None
     if check:
         # A trace made just now ran the model as it is (eval mode, no gradients): its output is the
@@ -89,7 +120,7 @@ def compact(
                     mask_store.remove_mask(module, param_name)
     apply_plan(small, plan)
     small.prunekit_plan = _compose(earlier_plan, plan)
-    hf.record_in_config(small, small.prunekit_plan)
+    _record_plan(small, small.prunekit_plan)
     if check:
         try:
             result = _run(small, example_inputs)
@@ -115,35 +146,6 @@ def _run_double(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
         return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
     return _run(copy.deepcopy(model).double(), pytree.tree_map(widen, example_inputs))
-
-
-def removed_units(dependencies: ChannelDependencies) -> torch.Tensor:
-    """Bool per unit: True when the unit's channels are zero: every parameter slice that makes them
-    (filters, biases, norm weights) is pruned, i.e. masked, or all zeros where the parameter has no mask.
-    Input columns that read the channels and buffers (running statistics) do not count: they go with it."""
-    # One spare slot at the end takes the indices in no unit (a where instead of boolean-mask indexing).
-    spare = dependencies.num_units
-    gone = torch.ones(spare + 1, dtype=torch.bool)
-    seen = torch.zeros(spare + 1, dtype=torch.bool)
-    for piece in dependencies.slices:
-        if piece.tensor_name not in piece.module._parameters or piece.consumer:
-            continue
-        keep = mask_store.get_mask(piece.module, piece.tensor_name)
-        values = piece.tensor.detach()
-        size = values.shape[piece.dim]
-        if values.device.type == "meta":
-            alive = torch.ones(size, dtype=torch.bool)
-        elif keep is not None:
-            alive = keep.cpu().movedim(piece.dim, 0).reshape(size, -1).any(dim=1)
-        else:
-            # The largest |value| of each index, compared with 0: several times faster than any() over a
-            # bool copy (NaN stays alive, as with != 0).
-            lead = math.prod(values.shape[: piece.dim])
-            alive = values.reshape(lead, size, -1).abs().amax(dim=(0, 2)).cpu() != 0
-        units = torch.where(piece.unit >= 0, piece.unit, spare)
-        gone.scatter_reduce_(0, units, ~alive, reduce="amin")
-        seen.index_fill_(0, units, True)
-    return (gone & seen)[:spare]
 
 
 def _plan(dependencies: ChannelDependencies, pruned_units: torch.Tensor) -> dict[str, Any]:
@@ -217,9 +219,7 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
         update_shape_attributes(module)
     changed_ids = {id(m) for m in changed}
     for module in model.modules():
-        if isinstance(module, nn.MultiheadAttention):
-            shrink_multihead_attention(module)
-        elif any(id(child) in changed_ids for child in module.children()):
+        if any(id(child) in changed_ids for child in module.children()):
             update_attention_attributes(module)
     return model
 
@@ -231,32 +231,11 @@ def _meta_select(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 
 
 def update_shape_attributes(module: nn.Module) -> None:
-    """Make a module's size attributes agree with its (sliced) parameters."""
-    weight = getattr(module, "weight", None)
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = weight.shape
-    elif isinstance(module, nn.modules.conv._ConvTransposeNd):
-        module.in_channels = weight.shape[0]
-        module.out_channels = weight.shape[1] * module.groups
-    elif isinstance(module, nn.modules.conv._ConvNd):
-        # Grouped convs lose whole groups, so filters per group stay as they were.
-        if module.groups > 1:
-            module.groups = weight.shape[0] // (module.out_channels // module.groups)
-        module.out_channels = weight.shape[0]
-        module.in_channels = weight.shape[1] * module.groups
-    elif isinstance(module, (nn.modules.batchnorm._NormBase)):
-        reference = weight if weight is not None else module.running_mean
-        if reference is not None:
-            module.num_features = reference.shape[0]
-    elif isinstance(module, nn.GroupNorm):
-        module.num_groups = weight.shape[0] // (module.num_channels // module.num_groups)
-        module.num_channels = weight.shape[0]
-    elif isinstance(module, nn.LayerNorm) and weight is not None:
-        module.normalized_shape = tuple(weight.shape)
-    elif isinstance(module, nn.Embedding):
-        module.embedding_dim = weight.shape[1]
-    elif is_hf_conv1d(module):
-        module.nf = weight.shape[1]  # Hugging Face's GPT-2 Conv1D: weight stored (in, out)
+    """Make a module's size attributes agree with its (sliced) tensors, as its layer handler says
+    (:mod:`prunekit.core.layers`)."""
+    handler = handler_for(module)
+    if handler is not None:
+        handler.update_shape(module)
 
 
 _HEAD_DIM = ("head_dim", "key_value_proj_dim", "attention_head_size", "d_kv", "dim_head")
@@ -428,7 +407,7 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     state._metadata = plan.pop("state_metadata", {})
     model.load_state_dict(state, strict=True)
     model.prunekit_plan = plan
-    hf.record_in_config(model, plan)
+    _record_plan(model, plan)
     return model
 
 

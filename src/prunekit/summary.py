@@ -30,8 +30,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .attention import pruned_multi_head_attention_forward
-from .structure.dependencies import call_model
-from .targets import is_hf_conv1d
+from .core.inputs import call_model
+from .core.layers import is_hf_conv1d
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

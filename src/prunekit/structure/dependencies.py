@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..targets import LayerSelector, _as_list, _matches
+from ..core.inputs import call_model
+from ..core.targets import LayerSelector, selector_list, selector_matches
 from .channels import DimRange
 from .trace import ChannelTracer, UnsupportedOperationError, ids_of, tensor_leaves
 
@@ -100,16 +101,6 @@ class ChannelDependencies:
         )
 
 
-def call_model(model: nn.Module, example_inputs: Any) -> Any:
-    """Run ``model`` on example inputs given as a tensor, a tuple/list of positional inputs, or a dict of
-    keyword inputs (as Hugging Face models take them)."""
-    if isinstance(example_inputs, Mapping):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
-
-
 def trace_dependencies(
     model: nn.Module,
     example_inputs: Any,
@@ -142,12 +133,12 @@ def trace_with_output(
             "structured pruning needs example_inputs (a tensor, tuple or dict the model accepts) to trace "
             "which channels are coupled, e.g. example_inputs=torch.randn(1, 3, 224, 224)"
         )
-    selectors = _as_list(exclude, "exclude")
+    selectors = selector_list(exclude, "exclude")
     excluded = (
         [
             module
             for name, module in model.named_modules()
-            if name and any(_matches(selector, name, module) for selector in selectors)
+            if name and any(selector_matches(selector, name, module) for selector in selectors)
         ]
         if selectors
         else []

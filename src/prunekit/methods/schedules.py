@@ -194,3 +194,34 @@ class Gradual(Schedule):
 
     def __repr__(self):
         return f"Gradual(start={self.start}, end={self.end}, every={self.every}, initial={self._initial}, curve={self.curve!r})"
+
+
+#: Schedules by the name their configuration uses, with the constructor arguments that describe them.
+SCHEDULES: dict[str, tuple[type[Schedule], tuple[str, ...]]] = {
+    "one_shot": (OneShot, ("at",)),
+    "iterative": (Iterative, ("start", "end", "rounds")),
+    "gradual": (Gradual, ("start", "end", "every", "initial", "curve")),
+}
+
+
+def schedule_to_dict(schedule: Schedule) -> dict:
+    """``{name: {argument: value}}`` describing a built-in schedule (e.g. ``{"gradual": {"start": 0, ...}}``);
+    a schedule of another class is described by its ``repr`` under ``"custom"``."""
+    for name, (cls, fields) in SCHEDULES.items():
+        if type(schedule) is cls:
+            return {name: {field: getattr(schedule, field) for field in fields}}
+    return {"custom": repr(schedule)}
+
+
+def schedule_from_dict(spec: dict) -> Schedule:
+    """Inverse of :func:`schedule_to_dict` for the built-in schedules."""
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ValueError(f"a schedule is described by one entry {{name: {{arguments}}}}, got {spec!r}")
+    ((name, arguments),) = spec.items()
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; valid ones are {', '.join(map(repr, SCHEDULES))}")
+    cls, fields = SCHEDULES[name]
+    unknown = set(arguments or {}) - set(fields)
+    if unknown:
+        raise ValueError(f"schedule {name!r} takes {list(fields)}, not {sorted(unknown)}")
+    return cls(**(arguments or {}))
