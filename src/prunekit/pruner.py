@@ -17,24 +17,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from .assembly import assemble
 from .core import masks as mask_store
-from .core.config import PruningConfig, StructuredOptions, selector_name
-from .core.targets import LayerSelector, Target, find_targets, resolve_layer_sparsity
+from .core.config import StructuredOptions
+from .core.targets import LayerSelector, Target
 from .core.validation import check_finite, check_whole
 from .engines.calibration import collect_statistics
 from .engines.constraints import apply_constraints
-from .engines.coupled import CoupledEngine
-from .engines.enforcement import MaskEnforcer, unwrap_optimizer
 from .engines.persistence import read_state, write_state
-from .engines.unstructured import SCOPES, UnstructuredEngine
 from .fhe.budget import AccumulatorBudget
-from .fhe.fan_in import FanInConstraint
 from .methods.constraints import Constraint
-from .methods.criteria import Criterion, get_criterion
-from .methods.granularity import Granularity, final_sparsity, get_granularity
-from .methods.schedules import OneShot, Schedule, schedule_to_dict
+from .methods.criteria import Criterion
+from .methods.granularity import Granularity, final_sparsity
+from .methods.schedules import Schedule
 from .structure.cost import UnitCosts
-from .structure.dependencies import trace_dependencies
 from .structure.units import removed_units
 from .summary import weight_applications
 
@@ -108,96 +104,32 @@ class Pruner:
         max_fan_in: int | AccumulatorBudget | None = None,
         constraints: Sequence[Constraint] = (),
     ):
-        self.granularity = get_granularity(granularity)
-        structured = StructuredOptions(coupled, prune_outputs, round_to, max_layer_sparsity, sparsity_in, prune_only)
-        self.constraints = _constraints(constraints, max_fan_in)
-        fan_in_only = sparsity is None and max_fan_in is not None and self.granularity.fixed_sparsity is None
-        self.sparsity_target = 0.0 if fan_in_only else final_sparsity(sparsity, self.granularity)
-        self.criterion = get_criterion(criterion, data=data, loss_fn=loss_fn, seed=seed)
-        if scope not in SCOPES:
-            raise ValueError(f"unknown scope {scope!r}; valid scopes are {', '.join(map(repr, SCOPES))}")
-        self.scope = scope
-        self.schedule = OneShot(at=0) if schedule is None else schedule
-        if not isinstance(self.schedule, Schedule):
-            raise TypeError(f"schedule must be pk.OneShot, pk.Iterative or pk.Gradual, got {schedule!r}")
-        if self.schedule.initial > self.sparsity_target:
-            raise ValueError(
-                f"the schedule starts at sparsity {self.schedule.initial} above the final sparsity {self.sparsity_target}"
-            )
-        self.min_kept = check_whole(min_kept, "min_kept", "units")
-        self.model, self.example_inputs = model, example_inputs
-        self.targets: list[Target] = find_targets(model, include, exclude)
-        for target in self.targets:
-            self.granularity.validate(target)
-        for constraint in self.constraints:
-            constraint.validate(self.targets, self.granularity)
-        optimizer = None if optimizer is None else unwrap_optimizer(optimizer)
-        self._check_criterion_inputs(calibration)
-        self.calibration = calibration
-        coupled_mode = structured.coupled and self.granularity.name == "out_channel" and example_inputs is not None
-        if not coupled_mode and structured.changed():
-            raise ValueError(
-                f"{', '.join(structured.changed())} apply to coupled structured pruning only: use "
-                "granularity='out_channel' with example_inputs (and coupled=True)"
-            )
-        self.dependencies = None
-        if coupled_mode:
-            self.dependencies = trace_dependencies(model, example_inputs, exclude=exclude, prune_outputs=prune_outputs)
-            self._maskable = _dependency_tensors(self.dependencies)
-            left_out = set() if include is None else _left_out_weights(model, exclude, self.targets)
-            self.engine: CoupledEngine | UnstructuredEngine = CoupledEngine(
-                self.dependencies, self.targets, self.criterion, scope, self.schedule, self.min_kept, structured,
-                layer_sparsity or {}, left_out, {full: (m, p) for m, p, full in self._maskable}, self._unit_costs,
-            )  # fmt: skip
-        else:
-            overrides = resolve_layer_sparsity(self.targets, layer_sparsity)
-            if self.granularity.selects_within_groups and any(v != 0.0 for v in overrides.values()):
-                raise ValueError(
-                    f"with {self.granularity.name} a layer_sparsity override can only be 0.0 (leave that layer dense)"
-                )
-            self._maskable = _target_tensors(self.targets, self.granularity.prunes_bias)
-            self.engine = UnstructuredEngine(
-                self.targets, self.granularity, self.criterion, scope, self.min_kept, overrides, self.schedule, self._keep_of
-            )  # fmt: skip
-        self.config = PruningConfig(
-            sparsity=self.sparsity_target, criterion=self.criterion.name, granularity=self.granularity.name,
-            scope=scope, schedule=schedule_to_dict(self.schedule),
-            layer_sparsity=None if not layer_sparsity else {str(k): float(v) for k, v in layer_sparsity.items()},
-            include=tuple(map(selector_name, _as_tuple(include))), exclude=tuple(map(selector_name, _as_tuple(exclude))),
-            min_kept=self.min_kept, structured=structured, seed=seed,
-            max_fan_in=None if max_fan_in is None else repr(max_fan_in) if not isinstance(max_fan_in, int) else max_fan_in,
+        parts = assemble(
+            model, sparsity, criterion=criterion, granularity=granularity, scope=scope, schedule=schedule,
+            layer_sparsity=layer_sparsity, include=include, exclude=exclude, min_kept=min_kept,
+            example_inputs=example_inputs, structured=StructuredOptions(
+                coupled, prune_outputs, round_to, max_layer_sparsity, sparsity_in, prune_only
+            ), data=data, loss_fn=loss_fn, calibration=calibration, seed=seed, mask_gradients=mask_gradients,
+            max_fan_in=max_fan_in, constraints=constraints, optimizer=optimizer,
         )  # fmt: skip
-        self.enforcer = MaskEnforcer(self._maskable, mask_gradients)
+        self.model, self.example_inputs, self.calibration = model, example_inputs, calibration
+        self.granularity, self.criterion, self.scope, self.schedule = (
+            parts.granularity,
+            parts.criterion,
+            parts.scope,
+            parts.schedule,
+        )
+        self.sparsity_target, self.min_kept, self.targets = parts.sparsity, parts.min_kept, parts.targets
+        self.constraints, self.dependencies, self.engine = parts.constraints, parts.dependencies, parts.engine
+        self.config, self.enforcer, self._maskable = parts.config, parts.enforcer, parts.maskable
         self.step_count, self._last_event = 0, -1
         self._rewind_step: int | None = None
         self._rewind_state: dict[str, torch.Tensor] | None = None
-        self._costs: UnitCosts | None = None
         self._removed = False
         # Validation is over: from here on the pruner hooks into the model.
         self._handles = self.criterion.observe(self.targets)
-        if optimizer is not None:
-            self.attach_optimizer(optimizer)
-
-    def _check_criterion_inputs(self, calibration: Iterable | None) -> None:
-        needs = self.criterion.statistics
-        if needs and calibration is None:
-            raise ValueError(
-                f"criterion {self.criterion.name!r} reads activation statistics ({', '.join(needs)}): pass "
-                "calibration= (a list of batches the model accepts)"
-            )
-        if calibration is not None and not needs:
-            raise ValueError(
-                f"criterion {self.criterion.name!r} does not read calibration data: drop calibration= or use a "
-                "data-aware criterion such as 'wanda'"
-            )
-        if self.criterion.needs_gradients and getattr(self.criterion, "data", None) is None:
-            frozen = [t.full_name for t in self.targets if not t.param.requires_grad]
-            if frozen:
-                raise ValueError(
-                    f"criterion {self.criterion.name!r} scores weights by their gradients, but these weights have "
-                    f"requires_grad=False and would never get any: {frozen}; exclude them (exclude=[...]) or "
-                    "unfreeze them"
-                )
+        if parts.optimizer is not None:
+            self.attach_optimizer(parts.optimizer)
 
     # ------------------------------------------------------------------ masks
 
@@ -295,12 +227,6 @@ class Pruner:
         if event is not None:
             self._last_event = event
         self.criterion.finish()
-
-    def _unit_costs(self) -> UnitCosts:
-        applied = (
-            weight_applications(self.model, self.example_inputs) if self.engine.options.sparsity_in == "macs" else None
-        )
-        return UnitCosts(self.model, self.dependencies, applied)
 
     # ------------------------------------------------------------------ lottery tickets
 
@@ -406,45 +332,6 @@ class Pruner:
 
     def __deepcopy__(self, memo):
         raise TypeError("a Pruner is tied to its model; deepcopy the model and build a new pk.Pruner for the copy")
-
-
-def _constraints(constraints: Sequence[Constraint], max_fan_in: Any) -> list[Constraint]:
-    found = list(constraints)
-    for constraint in found:
-        if not isinstance(constraint, Constraint):
-            raise TypeError(f"constraints takes pk.Constraint objects, got {constraint!r}")
-    return found + ([] if max_fan_in is None else [FanInConstraint(max_fan_in)])
-
-
-def _as_tuple(selectors: Any) -> tuple:
-    if selectors is None:
-        return ()
-    return (selectors,) if isinstance(selectors, (str, type)) else tuple(selectors)
-
-
-def _target_tensors(targets: list[Target], prunes_bias: bool) -> list[tuple[nn.Module, str, str]]:
-    """(module, parameter name, full name) of every target weight and, when units are whole outputs, its bias."""
-    found = []
-    for target in targets:
-        found.append((target.module, target.param_name, target.full_name))
-        if prunes_bias and target.bias is not None:
-            found.append((target.module, target.bias_name, target.name_of(target.bias_name)))
-    return found
-
-
-def _dependency_tensors(dependencies) -> list[tuple[nn.Module, str, str]]:
-    """(module, parameter name, full name) of every parameter a dependency group cuts."""
-    unique = {}
-    for piece in dependencies.slices:
-        if piece.tensor_name in piece.module._parameters:
-            unique.setdefault(piece.full_name, (piece.module, piece.tensor_name, piece.full_name))
-    return list(unique.values())
-
-
-def _left_out_weights(model: nn.Module, exclude: Any, targets: list[Target]) -> set[str]:
-    """Full names of the prunable weights that ``include=`` leaves out (``exclude`` aside)."""
-    targeted = {t.full_name for t in targets}
-    return {t.full_name for t in find_targets(model, None, exclude)} - targeted
 
 
 def prune(model: nn.Module, sparsity: float | None = None, **options: Any) -> Pruner:

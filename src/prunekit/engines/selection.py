@@ -1,5 +1,8 @@
 """Selection: given unit scores, decide exactly which units to prune.
 
+Why this file is long: it is one algorithm (sample, bracket, count, narrow), whose passes share
+small private helpers that mean nothing on their own.
+
 :func:`find_cut` finds where to cut so that exactly ``k`` units are pruned across a list of layers
 (one layer for local scope, many for global scope): the ``k`` lowest scores go, and among equal
 scores the unit that comes first (layer order, then position in the layer) goes first. Every layer
