@@ -96,7 +96,7 @@ def assemble(
         constraint.validate(targets, granularity)
     optimizer = None if optimizer is None else unwrap_optimizer(optimizer)
     _check_criterion_inputs(criterion, targets, calibration)
-    coupled_mode = structured.coupled and granularity.name == "out_channel" and example_inputs is not None
+    coupled_mode = structured.coupled and granularity.whole_output_channels and example_inputs is not None
     if not coupled_mode and structured.changed():
         raise ValueError(
             f"{', '.join(structured.changed())} apply to coupled structured pruning only: use "

@@ -52,6 +52,9 @@ class Granularity:
     selects_within_groups = False
     #: The sparsity the granularity itself fixes (N:M: 1 − n/m), or None.
     fixed_sparsity: float | None = None
+    #: Units are whole output channels, which structured pruning couples across layers (with
+    #: ``example_inputs``) and :func:`prunekit.compact` can remove.
+    whole_output_channels = False
 
     def validate(self, target: Target) -> None:
         """Raise ``ValueError`` if this granularity cannot be applied to ``target``."""
@@ -114,6 +117,7 @@ class Kernel(Granularity):
 class OutChannel(Granularity):
     name = "out_channel"
     prunes_bias = True
+    whole_output_channels = True
 
     def num_units(self, oik_shape):
         return oik_shape[0]
