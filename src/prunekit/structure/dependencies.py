@@ -29,7 +29,9 @@ from torch.utils import _pytree as pytree
 
 from ..targets import LayerSelector, _as_list, _matches
 from .channels import DimRange
-from .trace import ChannelTracer, UnsupportedOperationError, ids_of, tensor_leaves
+from .calls import tensor_leaves
+from .labels import ids_of
+from .tracer import ChannelTracer, UnsupportedOperationError
 
 
 @dataclass(eq=False)
