@@ -33,6 +33,7 @@ from .channels import ChannelGraph
 from .labels import NONE, PINNED_LABEL, encode, ids_of, unbroadcast
 from .ops import op_name
 from .registry import find_rule, module_rule
+from .threads import one_thread
 
 ROOT_FORWARD = "<the model's own forward>"
 #: Operations that write into their first argument: the tracer keeps its labels from before the write.
@@ -118,7 +119,8 @@ class ChannelTracer(TorchFunctionMode):
         if found is not None:
             from .module_rules import ModuleCall  # (module rules build on this module)
 
-            ModuleCall(self, module, args, kwargs, output).run(found.trace)
+            with one_thread():
+                ModuleCall(self, module, args, kwargs, output).run(found.trace)
             return
         for tensor in tensor_leaves(output):
             if is_float_tensor(tensor):
@@ -330,7 +332,8 @@ class ChannelTracer(TorchFunctionMode):
                 f"{self.advice(where, name)}, or report the operation"
             )
         try:
-            found(self, func, args, kwargs, out)
+            with one_thread():
+                found(self, func, args, kwargs, out)
         except UnsupportedOperationError:
             raise
         except Exception as error:  # a rule failed on an unexpected call form: say where, never guess
