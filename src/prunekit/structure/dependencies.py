@@ -28,8 +28,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..targets import LayerSelector, _as_list, _matches
-from .channels import DimRange
 from .calls import tensor_leaves
+from .channels import DimRange
 from .labels import broadcast_dims, ids_of, narrow_first
 from .threads import one_thread
 from .tracer import ChannelTracer, UnsupportedOperationError

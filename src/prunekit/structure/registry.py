@@ -29,15 +29,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 Rule = Callable[..., None]
 #: What a rule is registered for: a canonical operation name or the function itself.
-RuleKey = Union[str, Callable]
+RuleKey = str | Callable
 
 _BY_NAME: dict[str, Rule] = {}
 _BY_FUNCTION: dict[Any, Rule] = {}
-_BY_MODULE_TYPE: dict[type, "ModuleRule"] = {}
+_BY_MODULE_TYPE: dict[type, ModuleRule] = {}
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,11 @@ def einsum(tracer, func, args, kwargs, out) -> None:
     indices kept by every operand and the output (batch, heads) is coupled."""
     equation, operands = einsum_operands(args)
     equation = equation.replace(" ", "")
-    if "..." in equation or "->" not in equation or not is_activation_product("einsum", args, kwargs, lambda t: tracer.owner(t) is not None):
+    if (
+        "..." in equation
+        or "->" not in equation
+        or not is_activation_product("einsum", args, kwargs, lambda t: tracer.owner(t) is not None)
+    ):
         where = tracer.where
         raise UnsupportedOperationError(
             f"prunekit follows einsum only between activations with an explicit '->' and no '...', got "
