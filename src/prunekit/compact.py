@@ -30,6 +30,7 @@ from . import hf
 from . import masks as mask_store
 from .attention import shrink_multihead_attention
 from .structure.dependencies import ChannelDependencies, call_model, trace_with_output
+from .structure.registry import module_rule
 from .structure.trace import tensor_leaves
 from .targets import LayerSelector, is_hf_conv1d
 
@@ -231,9 +232,14 @@ def _meta_select(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 
 
 def update_shape_attributes(module: nn.Module) -> None:
-    """Make a module's size attributes agree with its (sliced) parameters."""
+    """Make a module's size attributes agree with its (sliced) parameters (for a type with a module rule,
+    by the ``update_shapes`` it was registered with, see :func:`prunekit.structure.register_module_rule`)."""
     weight = getattr(module, "weight", None)
-    if isinstance(module, nn.Linear):
+    registered = module_rule(module)
+    if registered is not None:
+        if registered.update_shapes is not None:
+            registered.update_shapes(module)
+    elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = weight.shape
     elif isinstance(module, nn.modules.conv._ConvTransposeNd):
         module.in_channels = weight.shape[0]
