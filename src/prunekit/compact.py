@@ -30,6 +30,7 @@ from .core.inputs import call_model
 from .core.layers import handler_for, is_hf_conv1d
 from .core.targets import LayerSelector
 from .structure.dependencies import ChannelDependencies, trace_with_output
+from .structure.registry import module_rule
 from .structure.trace import tensor_leaves
 from .structure.units import removed_units
 
@@ -231,11 +232,15 @@ def _meta_select(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 
 
 def update_shape_attributes(module: nn.Module) -> None:
-    """Make a module's size attributes agree with its (sliced) tensors, as its layer handler says
-    (:mod:`prunekit.core.layers`)."""
+    """Make a module's size attributes agree with its (sliced) tensors: as its layer handler says
+    (:mod:`prunekit.core.layers`), or, for a type traced by a module rule, by the ``update_shapes`` it
+    was registered with (:func:`prunekit.structure.register_module_rule`)."""
     handler = handler_for(module)
     if handler is not None:
         handler.update_shape(module)
+    registered = module_rule(module)
+    if registered is not None and registered.update_shapes is not None:
+        registered.update_shapes(module)
 
 
 _HEAD_DIM = ("head_dim", "key_value_proj_dim", "attention_head_size", "d_kv", "dim_head")

@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..summary import applied_weights
 from .dependencies import ChannelDependencies
+from .layer_weights import applied_weights
 
 #: What a structured sparsity can count: units (coupled channels / heads), parameters or MACs.
 MEASURES = ("channels", "params", "macs")
