@@ -256,7 +256,10 @@ register_layer(nn.modules.conv._ConvNd, LayerHandler(update_shape=_conv_shape, s
 register_layer(
     nn.modules.conv._ConvTransposeNd,
     LayerHandler(
-        transposed=True, update_shape=_conv_transpose_shape, sums_inputs=True, output_channel_dim=1,
+        transposed=True,
+        update_shape=_conv_transpose_shape,
+        sums_inputs=True,
+        output_channel_dim=1,
         positions=_input_positions,
     ),  # fmt: skip
 )

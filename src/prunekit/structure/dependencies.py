@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..core.inputs import call_model
+from ..core.layers import handler_for
 from ..core.targets import LayerSelector, selector_list, selector_matches
 from .calls import tensor_leaves
 from .channels import DimRange
@@ -56,6 +57,15 @@ class Slice:
     @property
     def tensor(self) -> torch.Tensor:
         return getattr(self.module, self.tensor_name)
+
+    @property
+    def maskable(self) -> bool:
+        """Whether pruning masks this tensor: a parameter, or a buffer its layer handler names as a
+        weight (a quantized layer's int8 weight). Other buffers (running statistics) are only sliced."""
+        if self.tensor_name in self.module._parameters:
+            return True
+        handler = handler_for(self.module)
+        return handler is not None and self.tensor_name in handler.weights
 
     def removed(self, pruned_units: torch.Tensor) -> torch.Tensor:
         """Bool per index of this dimension: True where the index belongs to a pruned unit."""
