@@ -29,6 +29,7 @@ from torch.utils import _pytree as pytree
 
 from ..core.inputs import call_model
 from ..core.layers import handler_for
+from ..core.masks import MASK_PREFIX
 from ..core.targets import LayerSelector, selector_list, selector_matches
 from .calls import tensor_leaves
 from .channels import DimRange
@@ -196,14 +197,15 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _signature(model: nn.Module, example_inputs: Any, excluded: list[nn.Module], prune_outputs: bool) -> tuple:
     """What a trace depends on: every module and tensor (identity and shape), the inputs' shapes and
-    dtypes, the excluded modules and the outputs option."""
+    dtypes, the excluded modules and the outputs option. prunekit's own mask buffers are left out:
+    pruning adds them without changing how channels couple, so prune-then-compact traces once."""
     named = list(model.named_modules(remove_duplicate=False))  # one walk of the model for all three
     tensors = tuple(
         (name, kind, tensor_name, id(tensor), tuple(tensor.shape))
         for name, module in named
         for kind, members in (("p", module._parameters), ("b", module._buffers))
         for tensor_name, tensor in members.items()
-        if tensor is not None
+        if tensor is not None and not tensor_name.startswith(MASK_PREFIX)
     )
     modules = tuple((name, id(module)) for name, module in named)
     inputs = tuple(
