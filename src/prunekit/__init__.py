@@ -14,8 +14,9 @@ Quick start::
     print(pk.summary(model))
 """
 
-from . import bench, data, fhe
+from . import bench, compressed, data, fhe
 from .compact import CompactionError, apply_plan, compact, load_pruned, save_pruned
+from .compressed import CompressedFileError, inspect_file, share_weights
 from .criteria import Criterion, Custom, Gradient, L2Magnitude, Magnitude, Movement, Random
 from .granularity import NM, Block, Granularity
 from .hf import from_pretrained
@@ -31,6 +32,9 @@ __all__ = [
     "Block",
     "ChannelDependencies",
     "CompactionError",
+    "CompressedFileError",
+    "inspect_file",
+    "share_weights",
     "UnsupportedOperationError",
     "apply_plan",
     "compact",
@@ -54,6 +58,7 @@ __all__ = [
     "Schedule",
     "Summary",
     "bench",
+    "compressed",
     "data",
     "epochs_to_steps",
     "fhe",
