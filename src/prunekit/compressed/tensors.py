@@ -89,6 +89,10 @@ def encode_tensor(tensor: torch.Tensor, shared: SharedTensor | None, codec: str)
     else:
         patterns = bit_patterns(tensor)
         nonzero = patterns != 0
+        if tensor.is_floating_point():
+            # −0.0 == 0.0 (masking a negative weight makes one): a zero, whatever its sign.
+            sign = np.array(1 << (8 * patterns.dtype.itemsize - 1), dtype=patterns.dtype)
+            nonzero &= patterns != sign
 
     def value_streams(take: np.ndarray) -> list[tuple[np.ndarray, int]]:
         if shared is not None:
