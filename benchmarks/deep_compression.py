@@ -113,8 +113,12 @@ def run_model(name: str, split, mode: str, seed: int = 0) -> dict:
     try:
         small = pk.compact(pruned, example_inputs=x)
         parameters = sum(p.numel() for p in small.parameters())
+        removed = sum(p.numel() for p in pruned.parameters()) - parameters
+        note = (
+            f"removes {removed:,} parameters" if removed else "removes nothing: no neuron or channel is entirely pruned"
+        )
         compacted = file_bytes(lambda d: _save(small, d / "m.pt"))
-        sizes[f"compacted (pk.compact: {parameters:,} parameters), pk.save_pruned (.pt)"] = compacted
+        sizes[f"compacted (pk.compact {note}), pk.save_pruned (.pt)"] = compacted
     except Exception as error:  # noqa: BLE001 - reported in the table
         sizes[f"compacted: not applicable ({type(error).__name__})"] = None
     with tempfile.TemporaryDirectory() as folder:

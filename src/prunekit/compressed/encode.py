@@ -97,8 +97,10 @@ def nm_layouts(nonzero: np.ndarray, shape: tuple[int, ...]) -> list[Layout]:
         if in_dim % m:
             continue
         groups = nonzero.reshape(out_dim, in_dim // m, m, kernel).transpose(0, 1, 3, 2)
-        n = int(groups.sum(axis=-1).max(initial=0))
-        if not 0 < n < m:
+        counts = groups.sum(axis=-1)
+        n = int(counts.max(initial=0))
+        # Only patterns that are N:M (most groups hold exactly n): elsewhere the form never pays.
+        if not 0 < n < m or (counts == n).mean() < 0.5:
             continue
         slots = np.arange(m)
         # Non-zeros first (in position order), then the zeros that fill a group up to n.

@@ -71,17 +71,27 @@ def kmeans_1d(
 
 
 def _lloyd(values: np.ndarray, centroids: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd iterations from ``centroids`` until no assignment changes; empty clusters keep their centroid."""
-    assignment = None
+    """Lloyd iterations from ``centroids`` until no assignment changes; empty clusters keep their centroid.
+
+    In one dimension every cluster is a run of the sorted values, so each iteration only looks up the
+    k − 1 boundaries (midpoints between centroids) in the sorted values and takes the run means from
+    prefix sums: O(k log n) per iteration after one sort."""
+    ordered = np.sort(values)
+    prefix = np.concatenate([[0.0], np.cumsum(ordered)])
+    bounds = None
     for _ in range(iterations):
         centroids = np.sort(centroids)
-        new = nearest(centroids, values)
-        if assignment is not None and np.array_equal(new, assignment):
+        # A value on a midpoint goes to the lower centroid, as in nearest().
+        ends = np.concatenate(
+            [[0], np.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2, side="right"), [ordered.size]]
+        )
+        if bounds is not None and np.array_equal(ends, bounds):
             break
-        assignment = new
-        counts = np.bincount(assignment, minlength=centroids.size)
-        sums = np.bincount(assignment, weights=values, minlength=centroids.size)
+        bounds = ends
+        counts = np.diff(ends)
+        sums = prefix[ends[1:]] - prefix[ends[:-1]]
         centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
+    centroids = np.sort(centroids)
     return centroids, nearest(centroids, values)
 
 
