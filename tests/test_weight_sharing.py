@@ -179,3 +179,12 @@ def test_huffman_wins_on_skewed_shared_weight_indices():
     symbols = rng.geometric(0.3, size=5000).clip(max=31).astype(np.uint8)
     coder, blob = encode_stream(symbols, 5, "zlib")
     assert coder == "huffman" and len(blob) < 5000 * 5 / 8
+
+
+def test_attention_input_projections_count_as_linear_weights():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2))
+    shared = pk.share_weights(model, 2)
+    weight = shared[0].in_proj_weight
+    assert torch.unique(weight[weight != 0]).numel() <= 4
+    assert torch.unique(shared[0].out_proj.weight).numel() <= 4
+    assert torch.equal(shared[0].in_proj_bias, model[0].in_proj_bias)

@@ -21,7 +21,7 @@ from .tensors import Encoded, decode_tensor, encode_tensor
 CODECS = ("zstd", "zlib")
 
 
-def _check_options(weight_bits, init: str, codebook_dtype: str, codec: str | None) -> str:
+def _check_options(init: str, codebook_dtype: str, codec: str | None) -> str:
     if init not in INITS:
         raise ValueError(f"unknown k-means initialisation {init!r}; use one of {', '.join(map(repr, INITS))}")
     if codebook_dtype not in CODEBOOK_DTYPES:
@@ -71,7 +71,7 @@ def save_compressed(
     seed: int = 0,
 ) -> FileReport:
     """Write ``model``'s state dict (and compaction plan) as a compressed file; see :func:`prunekit.save_pruned`."""
-    codec = _check_options(weight_bits, init, codebook_dtype, codec)
+    codec = _check_options(init, codebook_dtype, codec)
     bits = resolve_bits(model, weight_bits) if weight_bits is not None else {}
     state, aliases = _state(model)
     entries, blobs, descriptors, reports = [], [], [], []

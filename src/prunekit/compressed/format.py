@@ -54,7 +54,7 @@ def is_compressed_file(path: str | os.PathLike) -> bool:
     try:
         with open(path, "rb") as handle:
             return handle.read(len(MAGIC)) == MAGIC
-    except (FileNotFoundError, IsADirectoryError):
+    except (FileNotFoundError, IsADirectoryError, TypeError):  # TypeError: a file object, not a path
         return False
 
 

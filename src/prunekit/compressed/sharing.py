@@ -143,8 +143,9 @@ def check_bits(bits: object, what: str) -> int:
 
 def tensor_kinds(model: nn.Module) -> dict[str, tuple[str, str]]:
     """``state_dict key -> (kind, module name)`` for the weights and biases weight sharing can apply to:
-    the weights of convolutions (``"conv"``), Linear layers and Hugging Face's Conv1D (``"linear"``) and
-    embeddings (``"embedding"``), and those layers' biases (``"bias"``)."""
+    the weights of convolutions (``"conv"``), Linear layers, Hugging Face's Conv1D and
+    ``nn.MultiheadAttention``'s input projections (``"linear"``) and embeddings (``"embedding"``), and
+    those layers' biases (``"bias"``)."""
     kinds = {}
     for module_name, module in model.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd):
@@ -153,10 +154,16 @@ def tensor_kinds(model: nn.Module) -> dict[str, tuple[str, str]]:
             kind = "linear"
         elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             kind = "embedding"
+        elif isinstance(module, nn.MultiheadAttention):
+            kind = "linear"  # its input projections; out_proj is an nn.Linear of its own
         else:
             continue
         prefix = f"{module_name}." if module_name else ""
-        for param_name, kind_of in (("weight", kind), ("bias", "bias")):
+        names = [("weight", kind), ("bias", "bias")]
+        if isinstance(module, nn.MultiheadAttention):
+            names = [(n, "linear") for n in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")]
+            names.append(("in_proj_bias", "bias"))
+        for param_name, kind_of in names:
             param = module._parameters.get(param_name)
             if param is not None and param.is_floating_point():
                 kinds[prefix + param_name] = (kind_of, module_name)
