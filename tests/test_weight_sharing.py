@@ -11,7 +11,7 @@ from hypothesis.extra.numpy import arrays
 from torch import nn
 
 import prunekit as pk
-from prunekit.compressed import kmeans_1d
+from prunekit.compressed import SharedClusters, kmeans_1d
 from prunekit.compressed.entropy import (
     canonical_codes,
     decode_stream,
@@ -188,3 +188,29 @@ def test_attention_input_projections_count_as_linear_weights():
     assert torch.unique(weight[weight != 0]).numel() <= 4
     assert torch.unique(shared[0].out_proj.weight).numel() <= 4
     assert torch.equal(shared[0].in_proj_bias, model[0].in_proj_bias)
+
+
+def test_retraining_a_shared_model_keeps_its_clusters_tied_and_its_zeros_zero():
+    model = pruned_net()
+    shared = pk.share_weights(model, 2)
+    clusters = SharedClusters(shared, 2)
+    before = shared.fc1.weight.detach().clone()
+    optimizer = torch.optim.SGD(shared.parameters(), lr=0.1)
+    x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 4, (8,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(shared(x), y).backward()
+        optimizer.step()
+        clusters.project()
+    after = shared.fc1.weight.detach()
+    assert not torch.equal(after, before)  # the centroids moved
+    assert bool((after[before == 0] == 0).all())
+    # Weights that shared a value still share one, and each layer holds at most 4.
+    for value in torch.unique(before[before != 0]):
+        assert torch.unique(after[before == value]).numel() == 1
+    assert torch.unique(after[after != 0]).numel() <= 4
+
+
+def test_shared_clusters_refuse_a_model_that_is_not_shared():
+    with pytest.raises(ValueError, match="more than 2\\^2: share the model with pk.share_weights"):
+        SharedClusters(pruned_net(), 2)

@@ -6,11 +6,13 @@ relative indices, N:M positions, kept rows, or nothing for dense tensors), each 
 (:mod:`.entropy`: zstandard or Huffman, whichever is smaller), in a versioned, checksummed container
 without pickle (:mod:`.format`, which documents the layout). It reloads bit for bit.
 ``weight_bits=`` adds weight sharing (:mod:`.sharing`: k-means per layer, 2^bits shared values), and
-:func:`share_weights` applies the same quantization to a model so its accuracy can be measured first.
+:func:`share_weights` applies the same quantization to a model so its accuracy can be measured first,
+and :class:`SharedClusters` keeps the shared values tied while it is retrained.
 """
 
 from .entropy import zstandard_available
 from .files import inspect_file, load_compressed, read_state, save_compressed
+from .finetune import SharedClusters
 from .format import FORMAT_VERSION, CompressedFileError, is_compressed_file
 from .loading import load_into
 from .report import FileReport, TensorReport
@@ -20,6 +22,7 @@ __all__ = [
     "FORMAT_VERSION",
     "CompressedFileError",
     "FileReport",
+    "SharedClusters",
     "TensorReport",
     "inspect_file",
     "is_compressed_file",
