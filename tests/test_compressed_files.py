@@ -377,3 +377,35 @@ def test_loading_a_copy_leaves_the_original_untouched(tmp_path):
     twin = copy.deepcopy(fresh)
     pk.load_pruned(fresh, path)
     assert not torch.equal(fresh.fc1.weight, twin.fc1.weight)
+
+
+def test_a_failed_load_of_compacted_attention_restores_the_module_class(tmp_path, monkeypatch):
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(6, 16)
+            self.attention = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.embed(x)
+            return self.head(h + self.attention(h, h, h)[0])
+
+    torch.manual_seed(0)
+    model = Attend().eval()
+    x = torch.randn(2, 5, 6)
+    pk.prune(model, 0.5, criterion="l2", granularity="out_channel", example_inputs=x)
+    small = pk.compact(model, x)
+    assert small.attention.num_heads < 4
+    pk.save_pruned(small, tmp_path / "small.pk", sparse=True)
+    fresh = Attend()
+    before = snapshot(fresh)
+    monkeypatch.setattr(nn.Module, "load_state_dict", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        pk.load_pruned(fresh, tmp_path / "small.pk")
+    assert type(fresh.attention) is nn.MultiheadAttention and fresh.attention.num_heads == 4
+    assert_unchanged(fresh, before)
+    monkeypatch.undo()
+    loaded = pk.load_pruned(fresh, tmp_path / "small.pk").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))

@@ -74,20 +74,23 @@ def _preview(items: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict, dict, dict]]:
-    return [(m, dict(m._parameters), dict(m._buffers), dict(vars(m))) for m in model.modules()]
+def _snapshot(model: nn.Module) -> list[tuple[nn.Module, type, dict, dict]]:
+    """Each module's class (compaction may turn an nn.MultiheadAttention into a PrunedMultiheadAttention),
+    attributes, and the contents of its parameter, buffer and submodule dicts."""
+    tables = ("_parameters", "_buffers", "_modules")
+    return [(m, type(m), {t: dict(getattr(m, t)) for t in tables}, dict(vars(m))) for m in model.modules()]
 
 
-def _restore(snapshot: list[tuple[nn.Module, dict, dict, dict]]) -> None:
-    for module, parameters, buffers, attributes in snapshot:
-        module._parameters.clear()
-        module._parameters.update(parameters)
-        module._buffers.clear()
-        module._buffers.update(buffers)
+def _restore(snapshot: list[tuple[nn.Module, type, dict, dict]]) -> None:
+    for module, cls, tables, attributes in snapshot:
+        module.__class__ = cls
+        for table, contents in tables.items():
+            getattr(module, table).clear()
+            getattr(module, table).update(contents)
         for name in [n for n in vars(module) if n not in attributes]:
             delattr(module, name)
         for name, value in attributes.items():
-            if name not in ("_parameters", "_buffers"):
+            if name not in tables:
                 module.__dict__[name] = value
 
 
