@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from . import hf
+from . import checks, hf
 from . import masks as mask_store
 from .attention import shrink_multihead_attention
 from .structure.dependencies import ChannelDependencies, call_model, trace_with_output
@@ -68,9 +69,12 @@ def compact(
     the plan and the original sizes in a ``prunekit`` entry (see :mod:`prunekit.hf`), so
     ``save_pretrained`` / ``from_pretrained`` or :func:`prunekit.from_pretrained` round-trip it.
     """
+    tolerance = checks.check_tolerance(tolerance)
     dependencies, traced = trace_with_output(model, example_inputs, exclude, prune_outputs)
     pruned_units = removed_units(dependencies)
     plan = _plan(dependencies, pruned_units)
+    if not plan["kept"]:
+        _warn_nothing_removed(model)
     # A Hugging Face model loaded with plain from_pretrained has its earlier plan only in its config
     # (read, and checked to be prunekit's, before anything changes).
     earlier_plan = getattr(model, "prunekit_plan", None) or hf.saved_plan(model)
@@ -108,6 +112,22 @@ def compact(
             # float64 is a real one (deep, randomly initialised nets can have outputs ~1e-6 in scale).
             _check(_run_double(model, example_inputs), _run_double(small, example_inputs), tolerance)
     return small
+
+
+def _warn_nothing_removed(model: nn.Module) -> None:
+    masked = any(name.startswith(mask_store.MASK_PREFIX) for m in model.modules() for name in m._buffers)
+    why = (
+        "its prunekit masks remove single weights (or filters of one layer without the channels coupled to "
+        "them), and compaction removes only whole coupled channels, neurons and heads"
+        if masked
+        else "no channel, neuron or head of it is entirely zero"
+    )
+    warnings.warn(
+        f"pk.compact removed nothing: {why}. For a smaller model prune with granularity='out_channel' and "
+        "example_inputs=... (coupled structured pruning); unstructured sparsity needs a sparse format or kernel instead",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _run_double(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
@@ -178,7 +198,8 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
     if not isinstance(plan, Mapping) or plan.get("format") != PLAN_FORMAT:
         raise ValueError(f"not a prunekit plan (expected format {PLAN_FORMAT!r})")
     modules = dict(model.named_modules(remove_duplicate=False))
-    work = []
+    owners = _tensor_owners(model)
+    work, planned = [], {}
     for full_name, dims in plan["kept"].items():
         module_name, _, tensor_name = full_name.rpartition(".")
         module = modules.get(module_name)
@@ -195,6 +216,16 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
                     f"the plan keeps indices up to {max(indices)} of {full_name!r} dimension {dim}, "
                     f"but it has shape {tuple(tensor.shape)}; was the model built with the same configuration?"
                 )
+        # A tensor shared by several modules (tied weights) is sliced once, for all its owners.
+        earlier = planned.get(id(tensor))
+        if earlier is not None:
+            if earlier[1] != {int(d): list(i) for d, i in dims.items()}:
+                raise ValueError(
+                    f"the plan slices the shared tensor {earlier[0]!r} and {full_name!r} (one tensor) differently; "
+                    "a tied tensor must keep the same indices in all its owners"
+                )
+            continue
+        planned[id(tensor)] = (full_name, {int(d): list(i) for d, i in dims.items()})
         work.append((module, tensor_name, dims))
     changed = []
     with torch.no_grad():
@@ -209,10 +240,13 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
                     else _meta_select(new, int(dim), len(indices))
                 )
             if tensor_name in module._parameters:
-                module._parameters[tensor_name] = nn.Parameter(new.contiguous(), requires_grad=tensor.requires_grad)
+                new = nn.Parameter(new.contiguous(), requires_grad=tensor.requires_grad)
+                store = "_parameters"
             else:
-                module._buffers[tensor_name] = new.contiguous()
-            changed.append(module)
+                new, store = new.contiguous(), "_buffers"
+            for owner, owner_name in owners.get(id(tensor), [(module, tensor_name)]):
+                getattr(owner, store)[owner_name] = new
+                changed.append(owner)
     for module in dict.fromkeys(changed):
         update_shape_attributes(module)
     changed_ids = {id(m) for m in changed}
@@ -222,6 +256,17 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
         elif any(id(child) in changed_ids for child in module.children()):
             update_attention_attributes(module)
     return model
+
+
+def _tensor_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """``{id(tensor): [(module, name), ...]}`` for every parameter and buffer, all owners of tied ones."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in dict.fromkeys(model.modules()):
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None:
+                    owners.setdefault(id(tensor), []).append((module, name))
+    return owners
 
 
 def _meta_select(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -376,9 +421,15 @@ def _check(reference: list[torch.Tensor], result: list[torch.Tensor], tolerance:
     for index, (a, b) in enumerate(zip(reference, result)):
         if a.device.type == "meta":
             continue
+        for which, values in (("masked", a), ("compacted", b)):
+            if values.numel() and not bool(torch.isfinite(values).all()):
+                raise CompactionError(
+                    f"output {index} of the {which} model has NaN or inf values, so compaction cannot be checked; "
+                    "fix the non-finite parameters or inputs (pk.prune refuses them), or pass check=False"
+                )
         scale = float(a.abs().max()) if a.numel() else 0.0
         error = float((a - b).abs().max()) if a.numel() else 0.0
-        if error > tolerance * max(scale, 1e-12):
+        if not error <= tolerance * max(scale, 1e-12):  # NaN-aware: a NaN error fails
             raise CompactionError(
                 f"output {index} of the compacted model differs from the masked model's by {error:.3g} "
                 f"(output scale {scale:.3g}, tolerance {tolerance:g} of it); please report this model. "

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import checks
 from . import masks as mask_store
 from .compact import removed_units
 from .criteria import Criterion, Custom, L2Magnitude, Magnitude, get_criterion
@@ -129,6 +130,9 @@ class Pruner:
         mask_gradients: bool = False,
         max_fan_in: int | AccumulatorBudget | None = None,
     ):
+        # --- reliability checks (checks.py): the model as handed over
+        checks.check_model(model, include)
+        # --- end reliability checks
         self.granularity = get_granularity(granularity)
         # FHE (issue #5): the per-neuron fan-in cap, applied after selection in _compute_masks.
         self.fan_in = None if max_fan_in is None else FanInConstraint(max_fan_in)
@@ -151,6 +155,7 @@ class Pruner:
         self.min_kept = min_kept
         self.model = model
         self.targets: list[Target] = find_targets(model, include, exclude)
+        checks.check_targets_have_values(self.targets)  # reliability check (checks.py)
         self.layer_sparsity = resolve_layer_sparsity(self.targets, layer_sparsity)
         for target in self.targets:
             self.granularity.validate(target)
@@ -171,10 +176,13 @@ class Pruner:
         if prune_only not in PRUNE_ONLY:
             raise ValueError(f"unknown prune_only {prune_only!r}; valid values are {', '.join(map(repr, PRUNE_ONLY))}")
         self.sparsity_in, self.prune_only = sparsity_in, prune_only
+        # reliability check (checks.py): options that do not apply to the chosen mode
+        checks.check_options(self.granularity.name, coupled, example_inputs, round_to, max_layer_sparsity, prune_outputs)
         self.dependencies: ChannelDependencies | None = None
         self._costs: UnitCosts | None = None
         if coupled and isinstance(self.granularity, OutChannel) and example_inputs is not None:
             self.dependencies = trace_dependencies(model, example_inputs, exclude=exclude, prune_outputs=prune_outputs)
+            checks.warn_unreached(checks.unreached_layers(model, example_inputs, self.targets))  # reliability check
             self._family_sparsity = self._resolve_family_sparsity(layer_sparsity or {})
             if prune_only == "heads" and not bool(self.dependencies.unit_is_head.any()):
                 raise ValueError(
@@ -580,13 +588,12 @@ class Pruner:
         result[(module, param_name, full_name)] = packed.to(getattr(module, param_name).device)
 
     def _check_finite(self) -> None:
-        for target in self.targets:
-            weight = target.param.detach()
-            # A sum is a cheap test; only when it is not finite is the exact (slower) test needed.
-            if not math.isfinite(float(weight.sum())) and not bool(torch.isfinite(weight).all()):
-                raise ValueError(
-                    f"layer {target.name!r} has NaN or inf weights; fix the model (or exclude the layer) before pruning"
-                )
+        # reliability check (checks.py): every tensor pruning masks or slices, not only the weights
+        touched = [(t.full_name, t.param) for t in self.targets]
+        touched += [(name, getattr(module, param)) for module, param, name in self._maskable_params]
+        if self.dependencies is not None:
+            touched += [(piece.full_name, piece.tensor) for piece in self.dependencies.slices]
+        checks.check_finite(touched)
 
     def _score_fn(self, target: Target) -> _LayerScores:
         return _LayerScores(self, target)

@@ -1,0 +1,266 @@
+"""Checks on what a user hands to prunekit: models, parameters and options it cannot honour.
+
+Every kind of module or parameter prunekit meets is decided here deliberately: honoured, refused
+with an error that says what to do, or reported with a warning that says what to do. Nothing is
+skipped silently. The decisions (each has a test in ``tests/test_reliability.py``):
+
+- ``nn.DataParallel`` / ``DistributedDataParallel`` / ``torch.compile`` wrappers: refused; prune
+  the wrapped model (``model.module``, ``model._orig_mod``) before wrapping or compiling, so layer
+  names match and compaction can change shapes.
+- Reparametrized weights (``torch.nn.utils.parametrize``, including the new ``weight_norm`` and
+  ``spectral_norm``; the legacy hook-based ``weight_norm`` / ``spectral_norm``; leftovers of
+  ``torch.nn.utils.prune``): refused, naming the layer and the call that removes the
+  reparametrization, because the stored ``weight`` is recomputed in every forward and a mask on it
+  would not hold. ``include=`` may leave such layers out.
+- Quantized layers (``torch.ao.nn.quantized``, packed int8 weights): refused; prune the float model,
+  then quantize. Fake-quant (QAT) layers keep a float weight and are honoured: a pruned zero stays
+  zero through the fake quantization, since 0 is exactly representable.
+- Parameters on the meta device: refused (there are no values to score); tracing a meta model with
+  :func:`prunekit.trace_dependencies` still works.
+- NaN or inf in any tensor pruning touches (weights, biases, norm parameters and running statistics
+  masked or sliced with their channels): refused, naming the tensor, because 0 · NaN is NaN.
+- Frozen, tied, fp16 / bf16 and channels_last parameters are honoured as they are (masks are applied
+  in place and keep ``requires_grad``, dtype, memory format and ties).
+- Options that do not apply to the chosen mode (``round_to``, ``max_layer_sparsity``,
+  ``prune_outputs`` outside coupled structured pruning; ``coupled=False`` with another granularity
+  than ``"out_channel"``) are refused; ``granularity="out_channel"`` without ``example_inputs`` warns.
+- Layers whose outputs reach no model output for the example inputs (an unused pooler) are pruned
+  like the others, with a warning naming them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.utils.prune as torch_prune
+from torch import nn
+
+from .targets import Target, name_matches
+
+#: Wrappers whose own forward only forwards to ``.module`` (data parallelism).
+_PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def check_model(model: nn.Module, include: Any = None) -> None:
+    """Refuse models prunekit cannot prune as given (see the module docstring): wrapped or compiled
+    models, and layers of a prunable kind whose weight is reparametrized or quantized, unless
+    ``include`` (module types or name patterns, as for the pruner) leaves them out."""
+    if not isinstance(model, nn.Module):
+        return  # find_targets says what a model must be
+    if isinstance(model, _PARALLEL_WRAPPERS):
+        raise TypeError(
+            f"model is wrapped in {type(model).__name__}: prune the wrapped model instead "
+            "(pk.Pruner(model.module, ...)), before wrapping it, so layer names match and compaction can change shapes"
+        )
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise TypeError(
+            "model was compiled with torch.compile: prune the original model instead (pk.Pruner(model._orig_mod, ...)) "
+            "and compile it after pruning (and after pk.compact, which changes shapes)"
+        )
+    selectors = _lenient_selectors(include)
+    for name, module in model.named_modules():
+        problem = _unprunable_reason(module)
+        if problem is None:
+            continue
+        if selectors and not any(_selected(s, name, module) for s in selectors):
+            continue
+        shown = name or "<root>"
+        raise ValueError(f"layer {shown!r} ({type(module).__name__}) {problem}; or leave it out with include=[...]")
+
+
+def _unprunable_reason(module: nn.Module) -> str | None:
+    """Why this module's weight cannot be masked in place, with what to do (None if it can, or is not a layer)."""
+    parametrized = getattr(module, "parametrizations", None)
+    if isinstance(parametrized, nn.ModuleDict) and len(parametrized):
+        names = ", ".join(map(repr, parametrized))
+        return (
+            f"has a parametrization on {names} (torch.nn.utils.parametrize, e.g. weight_norm or spectral_norm): "
+            "its weight is recomputed in every forward, so a mask would not hold. Remove it first with "
+            "torch.nn.utils.parametrize.remove_parametrizations(module, name, leave_parametrized=True)"
+        )
+    for hook in module._forward_pre_hooks.values():
+        kind = type(hook).__name__
+        if isinstance(hook, torch_prune.BasePruningMethod):
+            return (
+                f"still carries torch.nn.utils.prune's {hook._tensor_name}_orig and {hook._tensor_name}_mask: "
+                f"make that pruning permanent first with torch.nn.utils.prune.remove(module, {hook._tensor_name!r})"
+            )
+        if kind == "WeightNorm":
+            return (
+                "uses the legacy torch.nn.utils.weight_norm (weight_g, weight_v): its weight is recomputed in every "
+                "forward. Remove it first with torch.nn.utils.remove_weight_norm(module)"
+            )
+        if kind == "SpectralNorm":
+            return (
+                "uses the legacy torch.nn.utils.spectral_norm (weight_orig): its weight is recomputed in every "
+                "forward. Remove it first with torch.nn.utils.remove_spectral_norm(module)"
+            )
+    if type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")) and (
+        hasattr(module, "_packed_params") or hasattr(module, "weight")
+    ):
+        return (
+            "is quantized: its int8 weights are packed and cannot be masked. Prune the float model first, "
+            "then quantize it (pk.prune, then torch.ao.quantization)"
+        )
+    return None
+
+
+def _lenient_selectors(include: Any) -> list:
+    """``include`` as a list of types and compilable patterns; anything else is left for
+    :func:`prunekit.targets.find_targets` to refuse with its own message."""
+    if include is None:
+        return []
+    items = [include] if isinstance(include, (str, type)) else include
+    if not isinstance(items, Iterable):
+        return []
+    found = []
+    for item in items:
+        if isinstance(item, type):
+            found.append(item)
+        elif isinstance(item, str):
+            try:
+                re.compile(item)
+            except re.error:
+                continue
+            found.append(item)
+    return found
+
+
+def _selected(selector, name: str, module: nn.Module) -> bool:
+    return isinstance(module, selector) if isinstance(selector, type) else name_matches(selector, name)
+
+
+def check_targets_have_values(targets: Iterable[Target]) -> None:
+    """Refuse weights on the meta device: they have no values to score."""
+    for target in targets:
+        if target.param.device.type == "meta":
+            raise ValueError(
+                f"layer {target.name or '<root>'!r} has its weights on the meta device, where there are no values "
+                "to score: materialise the model first (model.to_empty(device=...) and load its weights); "
+                "pk.trace_dependencies works on meta models"
+            )
+
+
+def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Refuse NaN or inf in any of these tensors (everything that pruning masks or slices): a pruned
+    NaN stays NaN (0 · NaN = NaN), so the masked model would output NaN."""
+    for name, tensor in named_tensors:
+        values = tensor.detach()
+        if not values.is_floating_point() or values.device.type == "meta" or not values.numel():
+            continue
+        # A sum is a cheap test; only when it is not finite is the exact (slower) test needed.
+        if not math.isfinite(float(values.sum())) and not bool(torch.isfinite(values).all()):
+            raise ValueError(
+                f"{name!r} has NaN or inf values; fix the model (or exclude that layer) before pruning, since a "
+                "pruned NaN stays NaN (0 · NaN = NaN)"
+            )
+
+
+def check_options(
+    granularity_name: str,
+    coupled: bool,
+    example_inputs: Any,
+    round_to: int,
+    max_layer_sparsity: float,
+    prune_outputs: bool,
+) -> None:
+    """Refuse options that do not apply to the chosen mode, and warn when ``granularity="out_channel"``
+    falls back to per-layer masks for lack of ``example_inputs``."""
+    is_out_channel = granularity_name == "out_channel"
+    if coupled is not True and coupled is not False:
+        raise TypeError(f"coupled must be True or False, got {coupled!r}")
+    if not coupled and not is_out_channel:
+        raise ValueError(
+            f"coupled=False applies to granularity='out_channel' only (got granularity {granularity_name!r}); remove it"
+        )
+    if is_out_channel and coupled and example_inputs is None:
+        warnings.warn(
+            "granularity='out_channel' without example_inputs prunes each layer's filters on its own (masks only), "
+            "which pk.compact can remove only partly: pass example_inputs=... for coupled pruning, or coupled=False "
+            "to silence this warning",
+            UserWarning,
+            stacklevel=3,
+        )
+    if is_out_channel and coupled and example_inputs is not None:
+        return
+    given = [
+        f"{name}={value!r}"
+        for name, value, default in (
+            ("round_to", round_to, 1),
+            ("max_layer_sparsity", max_layer_sparsity, 1.0),
+            ("prune_outputs", prune_outputs, False),
+        )
+        if value != default
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: only coupled structured pruning uses these options; use granularity='out_channel' with "
+            "example_inputs (and coupled=True), or remove them"
+        )
+
+
+def check_tolerance(tolerance: object) -> float:
+    """Validate :func:`prunekit.compact`'s ``tolerance``: a finite fraction ≥ 0 of the output scale."""
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+        raise TypeError(f"tolerance must be a number ≥ 0 (a fraction of the output scale), got {tolerance!r}")
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise ValueError(
+            f"tolerance must be a finite number ≥ 0 (a fraction of the output scale, e.g. 1e-4), got {tolerance}; "
+            "to skip the check pass check=False"
+        )
+    return float(tolerance)
+
+
+def unreached_layers(model: nn.Module, example_inputs: Any, targets: Iterable[Target]) -> list[str]:
+    """Names of the targets whose weights no model output depends on for ``example_inputs`` (layers
+    that do not run, or whose outputs are discarded, such as an unused pooler).
+
+    Runs the model once with autograd recording (in eval mode) and walks the graph back from every
+    floating-point output; ``requires_grad`` and training flags are restored afterwards."""
+    from .structure.dependencies import call_model
+    from .structure.trace import tensor_leaves
+
+    targets = list(targets)
+    weights = {id(t.param): t for t in targets}
+    flags = {m: m.training for m in model.modules()}
+    frozen = [t.param for t in targets if not t.param.requires_grad]
+    try:
+        for param in frozen:
+            param.requires_grad_(True)
+        model.eval()
+        with torch.enable_grad():
+            outputs = [t for t in tensor_leaves(call_model(model, example_inputs)) if t.grad_fn is not None]
+            reached: set[int] = set()
+            seen, stack = set(), [t.grad_fn for t in outputs]
+            while stack:
+                node = stack.pop()
+                if node is None or node in seen:
+                    continue
+                seen.add(node)
+                variable = getattr(node, "variable", None)
+                if variable is not None:
+                    reached.add(id(variable))
+                stack.extend(next_node for next_node, _ in node.next_functions)
+    finally:
+        for param in frozen:
+            param.requires_grad_(False)
+        for module, training in flags.items():
+            module.training = training
+    return [t.name or "<root>" for key, t in weights.items() if key not in reached]
+
+
+def warn_unreached(names: list[str]) -> None:
+    """Warn that these layers are pruned though no output depends on them."""
+    if names:
+        warnings.warn(
+            f"layers {names} affect none of the model's outputs for these example_inputs (they do not run, or "
+            "their outputs are discarded, e.g. an unused pooler): their units are pruned like the others' and "
+            "change nothing the model returns. Leave them out with exclude=[...], or delete them from the model",
+            UserWarning,
+            stacklevel=3,
+        )
