@@ -155,9 +155,10 @@ def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
             continue
         # A sum is a cheap test; only when it is not finite is the exact (slower) test needed.
         if not math.isfinite(float(values.sum())) and not bool(torch.isfinite(values).all()):
+            layer, _, tensor_name = name.rpartition(".")
             raise ValueError(
-                f"{name!r} has NaN or inf values; fix the model (or exclude that layer) before pruning, since a "
-                "pruned NaN stays NaN (0 · NaN = NaN)"
+                f"layer {layer or '<root>'!r} has NaN or inf values in {tensor_name!r}; fix the model (or exclude "
+                "that layer) before pruning, since a pruned NaN stays NaN (0 · NaN = NaN)"
             )
 
 

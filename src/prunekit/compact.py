@@ -240,10 +240,10 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
                     else _meta_select(new, int(dim), len(indices))
                 )
             if tensor_name in module._parameters:
-                new = nn.Parameter(new.contiguous(), requires_grad=tensor.requires_grad)
+                new = nn.Parameter(_dense_like(new, tensor), requires_grad=tensor.requires_grad)
                 store = "_parameters"
             else:
-                new, store = new.contiguous(), "_buffers"
+                new, store = _dense_like(new, tensor), "_buffers"
             for owner, owner_name in owners.get(id(tensor), [(module, tensor_name)]):
                 getattr(owner, store)[owner_name] = new
                 changed.append(owner)
@@ -256,6 +256,15 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
         elif any(id(child) in changed_ids for child in module.children()):
             update_attention_attributes(module)
     return model
+
+
+def _dense_like(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` made dense in ``old``'s memory format (a channels_last conv weight stays channels_last)."""
+    if old.ndim == 4 and not old.is_contiguous() and old.is_contiguous(memory_format=torch.channels_last):
+        return new.contiguous(memory_format=torch.channels_last)
+    if old.ndim == 5 and not old.is_contiguous() and old.is_contiguous(memory_format=torch.channels_last_3d):
+        return new.contiguous(memory_format=torch.channels_last_3d)
+    return new.contiguous()
 
 
 def _tensor_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:

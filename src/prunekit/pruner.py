@@ -593,7 +593,7 @@ class Pruner:
         touched += [(name, getattr(module, param)) for module, param, name in self._maskable_params]
         if self.dependencies is not None:
             touched += [(piece.full_name, piece.tensor) for piece in self.dependencies.slices]
-        checks.check_finite(touched)
+        checks.check_finite({id(tensor): (name, tensor) for name, tensor in touched}.values())
 
     def _score_fn(self, target: Target) -> _LayerScores:
         return _LayerScores(self, target)
