@@ -75,6 +75,7 @@ def compact(
     plan = _plan(dependencies, pruned_units)
     if not plan["kept"]:
         _warn_nothing_removed(model)
+    _refuse_emptied(plan)
     # A Hugging Face model loaded with plain from_pretrained has its earlier plan only in its config
     # (read, and checked to be prunekit's, before anything changes).
     earlier_plan = getattr(model, "prunekit_plan", None) or hf.saved_plan(model)
@@ -112,6 +113,20 @@ def compact(
             # float64 is a real one (deep, randomly initialised nets can have outputs ~1e-6 in scale).
             _check(_run_double(model, example_inputs), _run_double(small, example_inputs), tolerance)
     return small
+
+
+def _refuse_emptied(plan: Mapping[str, Any]) -> None:
+    """Refuse, before anything changes, a plan that removes every index of a dimension: PyTorch layers
+    cannot have zero channels (this happens when the pruner ran with ``min_kept=0``)."""
+    for full_name, dims in plan["kept"].items():
+        for dim, indices in dims.items():
+            if not indices:
+                module_name = full_name.rpartition(".")[0] or "<root>"
+                raise CompactionError(
+                    f"compaction would remove every index of dimension {dim} of {full_name!r}, leaving module "
+                    f"{module_name!r} with no channels, which PyTorch layers cannot have (was it pruned with "
+                    "min_kept=0?); prune again with min_kept ≥ 1, or exclude that module (exclude=[...])"
+                )
 
 
 def _warn_nothing_removed(model: nn.Module) -> None:
