@@ -176,6 +176,9 @@ def networks(draw):
         c_in = draw(st.sampled_from([3, 4]))
         model = ConvNet(c_in, blocks, draw(st.integers(2, 5)))
         x = torch.randn(2, c_in, 5, 5)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for layer in draw(st.lists(st.sampled_from(layers), max_size=2, unique_by=id)):
+        layer.requires_grad_(False)  # frozen layers are pruned like the others and stay frozen
     model.eval()
     return model, x
 
@@ -292,6 +295,9 @@ def test_random_arguments_on_random_networks(data):
         return
     masked_before = model(x)
     pruner = _call(model, x, kwargs, coupled)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before["requires_grad"]
+    if kwargs["sparsity"] == 0:
+        torch.testing.assert_close(model(x), masked_before)
     sparsity, scope, min_kept = kwargs["sparsity"], kwargs["scope"], kwargs["min_kept"]
     if coupled:
         if kwargs.get("round_to", 1) == 1:
@@ -301,8 +307,7 @@ def test_random_arguments_on_random_networks(data):
     else:
         counted, want = _expected_uncoupled(pruner, sparsity, scope, min_kept)
         assert counted == want, kwargs
-    if sparsity == 0:
-        torch.testing.assert_close(model(x), masked_before)
+    _check_training_keeps_pruned_weights_at_zero(model, x, pruner)
 
 
 @pytest.mark.parametrize("case", INVALID_CASES, ids=lambda case: f"{case[0]}={case[1]!r}")
@@ -329,6 +334,20 @@ def test_every_invalid_argument_is_refused_on_random_networks(case, data):
     assert_unchanged(model, before)
 
 
+def _check_training_keeps_pruned_weights_at_zero(model, x, pruner):
+    """One SGD step (with momentum) and pruner.step(): every pruned entry is still exactly zero."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if trainable:
+        optimizer = torch.optim.SGD(trainable, lr=0.1, momentum=0.9)
+        model(x).square().mean().backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+    pruner.step()
+    named = dict(model.named_parameters())
+    for name, keep in pruner.masks.items():
+        assert not bool(named[name].detach()[~keep].any()), name
+
+
 def _check_compaction(model, x):
     """pk.compact equals the masked model, or says which module and op it could not handle."""
     masked = model(x)
@@ -342,6 +361,8 @@ def _check_compaction(model, x):
         assert any(f"'{n}'" in str(error) for n in names), f"CompactionError names no module: {error}"
         return
     torch.testing.assert_close(small(x), masked, atol=1e-5, rtol=1e-4)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert all(flags[n] == p.requires_grad for n, p in small.named_parameters())
     assert sum(p.numel() for p in small.parameters()) <= sum(p.numel() for p in model.parameters())
 
 

@@ -469,3 +469,15 @@ def test_pruner_state_survives_torch_save_of_the_model():
     loaded = torch.load(buffer, weights_only=False)
     assert pk.masked_parameters(loaded).keys() == pk.masked_parameters(model).keys()
     copy.deepcopy(loaded)  # masks are plain buffers
+
+
+def test_a_parametrized_module_that_is_not_pruned_is_fine():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+    parametrize.register_parametrization(model[1], "weight", nn.Identity())
+    pruner = pk.prune(model, 0.5)
+    assert {t.name for t in pruner.targets} == {"0", "2"}
+
+
+def test_compact_refuses_a_wrapped_model():
+    model = nn.DataParallel(make_mlp())
+    expect_refusal(model, lambda: pk.compact(model, X), TypeError, r"DataParallel.*model\.module")

@@ -40,7 +40,7 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from .targets import Target, name_matches
+from .targets import DEFAULT_TYPES, Target, is_hf_conv1d, name_matches
 
 #: Wrappers whose own forward only forwards to ``.module`` (data parallelism).
 _PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
@@ -52,6 +52,23 @@ def check_model(model: nn.Module, include: Any = None) -> None:
     ``include`` (module types or name patterns, as for the pruner) leaves them out."""
     if not isinstance(model, nn.Module):
         return  # find_targets says what a model must be
+    check_unwrapped(model)
+    selectors = _lenient_selectors(include)
+    layer_types = DEFAULT_TYPES + (nn.MultiheadAttention,) + tuple(s for s in selectors if isinstance(s, type))
+    for name, module in model.named_modules():
+        if not _is_layer(module, layer_types):
+            continue
+        problem = _unprunable_reason(module)
+        if problem is None:
+            continue
+        if selectors and not any(_selected(s, name, module) for s in selectors):
+            continue
+        shown = name or "<root>"
+        raise ValueError(f"layer {shown!r} ({type(module).__name__}) {problem}; or leave it out with include=[...]")
+
+
+def check_unwrapped(model: nn.Module) -> None:
+    """Refuse data-parallel wrappers and ``torch.compile``'s wrapper: prunekit works on the model inside."""
     if isinstance(model, _PARALLEL_WRAPPERS):
         raise TypeError(
             f"model is wrapped in {type(model).__name__}: prune the wrapped model instead "
@@ -62,15 +79,15 @@ def check_model(model: nn.Module, include: Any = None) -> None:
             "model was compiled with torch.compile: prune the original model instead (pk.Pruner(model._orig_mod, ...)) "
             "and compile it after pruning (and after pk.compact, which changes shapes)"
         )
-    selectors = _lenient_selectors(include)
-    for name, module in model.named_modules():
-        problem = _unprunable_reason(module)
-        if problem is None:
-            continue
-        if selectors and not any(_selected(s, name, module) for s in selectors):
-            continue
-        shown = name or "<root>"
-        raise ValueError(f"layer {shown!r} ({type(module).__name__}) {problem}; or leave it out with include=[...]")
+
+
+#: Quantized layer classes are not subclasses of the float ones; they share their names.
+_LAYER_NAMES = {t.__name__ for t in DEFAULT_TYPES} | {"LinearReLU", "ConvReLU1d", "ConvReLU2d", "ConvReLU3d"}
+
+
+def _is_layer(module: nn.Module, layer_types: tuple[type, ...]) -> bool:
+    """A module prunekit would prune (a Linear, conv, attention or an included type), quantized or not."""
+    return isinstance(module, layer_types) or is_hf_conv1d(module) or type(module).__name__ in _LAYER_NAMES
 
 
 def _unprunable_reason(module: nn.Module) -> str | None:

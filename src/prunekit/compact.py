@@ -69,6 +69,7 @@ def compact(
     the plan and the original sizes in a ``prunekit`` entry (see :mod:`prunekit.hf`), so
     ``save_pretrained`` / ``from_pretrained`` or :func:`prunekit.from_pretrained` round-trip it.
     """
+    checks.check_unwrapped(model)
     tolerance = checks.check_tolerance(tolerance)
     dependencies, traced = trace_with_output(model, example_inputs, exclude, prune_outputs)
     pruned_units = removed_units(dependencies)
