@@ -30,16 +30,18 @@ skipped silently. The decisions (each has a test in ``tests/test_reliability.py`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
+from .structure.dependencies import ChannelDependencies
 from .targets import DEFAULT_TYPES, Target, is_hf_conv1d, name_matches
 
 #: Wrappers whose own forward only forwards to ``.module`` (data parallelism).
@@ -234,42 +236,49 @@ def check_tolerance(tolerance: object) -> float:
     return float(tolerance)
 
 
-def unreached_layers(model: nn.Module, example_inputs: Any, targets: Iterable[Target]) -> list[str]:
-    """Names of the targets whose weights no model output depends on for ``example_inputs`` (layers
-    that do not run, or whose outputs are discarded, such as an unused pooler).
-
-    Runs the model once with autograd recording (in eval mode) and walks the graph back from every
-    floating-point output; ``requires_grad`` and training flags are restored afterwards."""
-    from .structure.dependencies import call_model
-    from .structure.trace import tensor_leaves
-
-    targets = list(targets)
-    weights = {id(t.param): t for t in targets}
-    flags = {m: m.training for m in model.modules()}
-    frozen = [t.param for t in targets if not t.param.requires_grad]
+@contextlib.contextmanager
+def record_calls(model: nn.Module) -> Iterator[set[int]]:
+    """Within the block, collect ``id()`` of every module of ``model`` that runs (forward hooks,
+    removed on exit)."""
+    ran: set[int] = set()
+    handles = [m.register_forward_hook(lambda module, args, out: ran.add(id(module))) for m in model.modules()]
     try:
-        for param in frozen:
-            param.requires_grad_(True)
-        model.eval()
-        with torch.enable_grad():
-            outputs = [t for t in tensor_leaves(call_model(model, example_inputs)) if t.grad_fn is not None]
-            reached: set[int] = set()
-            seen, stack = set(), [t.grad_fn for t in outputs]
-            while stack:
-                node = stack.pop()
-                if node is None or node in seen:
-                    continue
-                seen.add(node)
-                variable = getattr(node, "variable", None)
-                if variable is not None:
-                    reached.add(id(variable))
-                stack.extend(next_node for next_node, _ in node.next_functions)
+        yield ran
     finally:
-        for param in frozen:
-            param.requires_grad_(False)
-        for module, training in flags.items():
-            module.training = training
-    return [t.name or "<root>" for key, t in weights.items() if key not in reached]
+        for handle in handles:
+            handle.remove()
+
+
+def unreached_layers(
+    dependencies: ChannelDependencies, targets: Iterable[Target], ran: set[int], prune_outputs: bool
+) -> list[str]:
+    """Names of the targets no model output depends on, read off a trace: layers that did not run
+    (``ran`` holds the ids of the modules that ran while tracing; empty when the trace came from the
+    cache, and then this part is skipped), and layers whose output channels nothing reads (no
+    consumer slice outside such layers), such as an unused pooler. Without ``prune_outputs`` a unit
+    that reaches an output is not removable and so never looks unread."""
+    targets = list(targets)
+    # Some modules' weights are used without calling them (nn.MultiheadAttention's out_proj), so a
+    # layer counts as not run only when, besides, the trace saw none of its tensors.
+    traced = {piece.module_name for piece in dependencies.slices}
+    dead = {t.name for t in targets if ran and id(t.module) not in ran and t.name not in traced}
+    if not prune_outputs:
+        readers: dict[str, set[str]] = {}
+        family_units = dependencies.unit_family
+        for piece in dependencies.slices:
+            if piece.consumer:
+                units = piece.unit[piece.unit >= 0]
+                for family in torch.unique(family_units[units]).tolist():
+                    readers.setdefault(dependencies.families[family].rpartition(".")[0], set()).add(piece.module_name)
+        producers = [name.rpartition(".")[0] for name in dependencies.families]
+        changed = True
+        while changed:  # a layer read only by unread layers is unread too
+            changed = False
+            for producer in producers:
+                if producer not in dead and readers.get(producer, set()) <= dead:
+                    dead.add(producer)
+                    changed = True
+    return [t.name or "<root>" for t in targets if t.name in dead]
 
 
 def warn_unreached(names: list[str]) -> None:

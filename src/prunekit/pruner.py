@@ -181,8 +181,9 @@ class Pruner:
         self.dependencies: ChannelDependencies | None = None
         self._costs: UnitCosts | None = None
         if coupled and isinstance(self.granularity, OutChannel) and example_inputs is not None:
-            self.dependencies = trace_dependencies(model, example_inputs, exclude=exclude, prune_outputs=prune_outputs)
-            checks.warn_unreached(checks.unreached_layers(model, example_inputs, self.targets))  # reliability check
+            with checks.record_calls(model) as ran:  # reliability check (checks.py): layers no output reads
+                self.dependencies = trace_dependencies(model, example_inputs, exclude=exclude, prune_outputs=prune_outputs)
+            checks.warn_unreached(checks.unreached_layers(self.dependencies, self.targets, ran, prune_outputs))
             self._family_sparsity = self._resolve_family_sparsity(layer_sparsity or {})
             if prune_only == "heads" and not bool(self.dependencies.unit_is_head.any()):
                 raise ValueError(
