@@ -21,6 +21,8 @@ as many from fresh random seeds, to go looking for more.
 
 from __future__ import annotations
 
+import copy
+import io
 import os
 import warnings
 
@@ -159,6 +161,7 @@ def test_random_arguments_on_random_networks(data):
         assert_unchanged(model, before)
         return
     masked_before = model(x)
+    original = copy.deepcopy(model)
     pruner = _call(model, x, kwargs, coupled)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before["requires_grad"]
     if kwargs["sparsity"] == 0:
@@ -168,7 +171,7 @@ def test_random_arguments_on_random_networks(data):
         if kwargs.get("round_to", 1) == 1:
             counted, want = _expected_coupled(pruner, sparsity, scope, min_kept)
             assert counted == want, (kwargs, pruner.dependencies.families)
-        _check_compaction(model, x)
+        _check_compaction(model, x, original)
     else:
         counted, want = _expected_uncoupled(pruner, sparsity, scope, min_kept)
         assert counted == want, kwargs
@@ -213,8 +216,10 @@ def _check_training_keeps_pruned_weights_at_zero(model, x, pruner):
         assert not bool(named[name].detach()[~keep].any()), name
 
 
-def _check_compaction(model, x):
-    """pk.compact equals the masked model, or says which module and op it could not handle."""
+def _check_compaction(model, x, original):
+    """pk.compact equals the masked model, or says which module and op it could not handle; the
+    compacted model saved with pk.save_pruned loads into ``original`` (an unpruned copy) and computes
+    the same."""
     masked = model(x)
     try:
         with warnings.catch_warnings():
@@ -228,6 +233,11 @@ def _check_compaction(model, x):
     torch.testing.assert_close(small(x), masked, atol=1e-5, rtol=1e-4)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     assert all(flags[n] == p.requires_grad for n, p in small.named_parameters())
+    buffer = io.BytesIO()
+    pk.save_pruned(small, buffer)
+    buffer.seek(0)
+    loaded = pk.load_pruned(original, buffer)
+    torch.testing.assert_close(loaded(x), small(x), atol=0, rtol=0)
     assert sum(p.numel() for p in small.parameters()) <= sum(p.numel() for p in model.parameters())
 
 

@@ -247,3 +247,38 @@ def test_coupled_false_with_another_granularity_is_refused(granularity):
 def test_coupled_must_be_a_bool():
     model = make_mlp()
     expect_refusal(model, lambda: pk.Pruner(model, 0.5, granularity="out_channel", coupled="no"), TypeError, "coupled")
+
+
+@pytest.mark.parametrize(
+    "options, exc, match",
+    [
+        ({"seed": 5}, ValueError, r"seed=5 seeds the 'random' criterion only"),
+        ({"seed": "1"}, TypeError, "seed must be a whole number"),
+        ({"mask_gradients": "no"}, TypeError, "mask_gradients must be True or False"),
+        ({"granularity": "out_channel", "example_inputs": X, "prune_outputs": "no"}, TypeError, "prune_outputs"),
+    ],
+)
+def test_options_that_would_be_ignored_or_misread_are_refused(options, exc, match):
+    model = make_mlp()
+    expect_refusal(model, lambda: pk.prune(model, 0.5, **options), exc, match)
+
+
+def test_seed_with_the_random_criterion_is_honoured():
+    masks = [pk.prune(make_mlp(), 0.5, criterion="random", seed=seed).masks["0.weight"] for seed in (3, 3, 4)]
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+
+
+@pytest.mark.parametrize("flag", ["inplace", "check", "prune_outputs"])
+def test_compact_flags_must_be_bools(flag):
+    model = make_mlp()
+    pk.prune(model, 0.5, granularity="out_channel", example_inputs=X)
+    expect_refusal(model, lambda: pk.compact(model, X, **{flag: "no"}), TypeError, f"{flag} must be True or False")
+
+
+def test_compact_refuses_a_plan_that_empties_a_layer():
+    model = make_mlp()
+    pk.prune(model, 0.97, granularity="out_channel", example_inputs=X, scope="local", min_kept=0)  # 16 of 16
+    before = snapshot(model)
+    with pytest.raises(pk.CompactionError, match=r"of '0\.(weight|bias)'.*module '0' with no channels.*min_kept"):
+        pk.compact(model, X)
+    assert_unchanged(model, before)

@@ -188,12 +188,22 @@ def check_options(
     round_to: int,
     max_layer_sparsity: float,
     prune_outputs: bool,
+    criterion_name: str = "magnitude",
+    seed: object = 0,
+    mask_gradients: object = False,
 ) -> None:
-    """Refuse options that do not apply to the chosen mode, and warn when ``granularity="out_channel"``
-    falls back to per-layer masks for lack of ``example_inputs``."""
+    """Refuse options that do not apply to the chosen mode (or are not the type they must be: a
+    string such as "no" would read as True), and warn when ``granularity="out_channel"`` falls back
+    to per-layer masks for lack of ``example_inputs``."""
     is_out_channel = granularity_name == "out_channel"
-    if coupled is not True and coupled is not False:
-        raise TypeError(f"coupled must be True or False, got {coupled!r}")
+    check_flags(coupled=coupled, prune_outputs=prune_outputs, mask_gradients=mask_gradients)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be a whole number (it seeds the 'random' criterion), got {seed!r}")
+    if seed != 0 and criterion_name != "random":
+        raise ValueError(
+            f"seed={seed} seeds the 'random' criterion only, and criterion {criterion_name!r} is deterministic; "
+            "remove seed= or use criterion='random'"
+        )
     if not coupled and not is_out_channel:
         raise ValueError(
             f"coupled=False applies to granularity='out_channel' only (got granularity {granularity_name!r}); remove it"
@@ -222,6 +232,13 @@ def check_options(
             f"{', '.join(given)}: only coupled structured pruning uses these options; use granularity='out_channel' with "
             "example_inputs (and coupled=True), or remove them"
         )
+
+
+def check_flags(**flags: object) -> None:
+    """Refuse on/off options that are not True or False."""
+    for name, value in flags.items():
+        if value is not True and value is not False:
+            raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def check_tolerance(tolerance: object) -> float:

@@ -70,6 +70,7 @@ def compact(
     ``save_pretrained`` / ``from_pretrained`` or :func:`prunekit.from_pretrained` round-trip it.
     """
     checks.check_unwrapped(model)
+    checks.check_flags(prune_outputs=prune_outputs, inplace=inplace, check=check)
     tolerance = checks.check_tolerance(tolerance)
     dependencies, traced = trace_with_output(model, example_inputs, exclude, prune_outputs)
     pruned_units = removed_units(dependencies)

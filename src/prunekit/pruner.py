@@ -177,7 +177,10 @@ class Pruner:
             raise ValueError(f"unknown prune_only {prune_only!r}; valid values are {', '.join(map(repr, PRUNE_ONLY))}")
         self.sparsity_in, self.prune_only = sparsity_in, prune_only
         # reliability check (checks.py): options that do not apply to the chosen mode
-        checks.check_options(self.granularity.name, coupled, example_inputs, round_to, max_layer_sparsity, prune_outputs)
+        checks.check_options(
+            self.granularity.name, coupled, example_inputs, round_to, max_layer_sparsity, prune_outputs,
+            self.criterion.name, seed, mask_gradients,
+        )  # fmt: skip
         self.dependencies: ChannelDependencies | None = None
         self._costs: UnitCosts | None = None
         if coupled and isinstance(self.granularity, OutChannel) and example_inputs is not None:
