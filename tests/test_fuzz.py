@@ -273,6 +273,51 @@ def test_compact_refuses_bad_tolerances_without_touching_the_model(data, toleran
     assert_unchanged(model, before)
 
 
+@st.composite
+def schedules(draw):
+    start = draw(st.integers(0, 3))
+    if draw(st.booleans()):
+        rounds = draw(st.integers(1, 4))
+        return pk.Iterative(start, start + draw(st.integers(rounds - 1, 8)), rounds)
+    end = start + draw(st.integers(0, 8))
+    return pk.Gradual(
+        start, end, every=draw(st.integers(1, 4)), curve=draw(st.sampled_from(["cubic", "linear", "cosine"]))
+    )
+
+
+@FUZZ
+@given(data=st.data(), schedule=schedules())
+def test_scheduled_pruning_only_grows_masks_and_ends_at_the_requested_count(data, schedule):
+    """Through an Iterative or Gradual schedule with SGD steps in between: masks only grow, pruned
+    weights stay zero after every step, and after the last event the counts are exactly those of the
+    final sparsity."""
+    model, x = data.draw(networks())
+    kwargs, coupled, _, _ = data.draw(arguments(model).filter(lambda drawn: drawn[2] is None and not drawn[1]))
+    kwargs.pop("round_to", None)
+    options = dict(kwargs)
+    sparsity = options.pop("sparsity")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruner = pk.Pruner(model, sparsity, schedule=schedule, **options)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.05, momentum=0.9) if trainable else None
+    previous = {}
+    for _ in range(schedule.last_event + 2):
+        if optimizer is not None:
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        pruner.step()
+        named = dict(model.named_parameters())
+        for name, keep in pruner.masks.items():
+            assert not bool(named[name].detach()[~keep].any()), name
+            if name in previous:
+                assert not bool((keep & ~previous[name]).any()), f"{name} regrew"
+        previous = {name: keep.clone() for name, keep in pruner.masks.items()}
+    counted, want = _expected_uncoupled(pruner, sparsity, kwargs["scope"], kwargs["min_kept"])
+    assert counted == want, (kwargs, schedule)
+
+
 # ---------------------------------------------------------------------------- known defects (other owners)
 
 
