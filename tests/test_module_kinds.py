@@ -137,14 +137,23 @@ def test_channels_last_is_kept_through_pruning_and_compaction():
     torch.testing.assert_close(outputs(small, x), masked)
 
 
-def test_a_second_pruner_keeps_the_first_ones_masks():
+def test_a_second_pruner_keeps_the_first_ones_masks_and_says_they_are_shared():
     model = make_mlp()
     first = pk.prune(model, 0.5)
     pruned_before = {name: ~keep for name, keep in first.masks.items()}
-    second = pk.prune(model, 0.75)
+    with pytest.warns(UserWarning, match=r"already carry prunekit masks.*remove\(\) drops them for both"):
+        second = pk.prune(model, 0.75)
     for name, pruned in pruned_before.items():
         assert not bool(second.masks[name][pruned].any())  # masks only grow
         assert int((~second.masks[name]).sum()) == round(0.75 * pruned.numel())
+
+
+def test_pruners_on_disjoint_layers_do_not_warn():
+    model = make_mlp()
+    pk.prune(model, 0.5, include=["0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pk.prune(model, 0.5, include=["2", "4"])
 
 
 def test_pruner_state_survives_torch_save_of_the_model():

@@ -41,6 +41,7 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
+from .masks import mask_buffer_name
 from .structure.dependencies import ChannelDependencies
 from .targets import DEFAULT_TYPES, Target, is_hf_conv1d, name_matches
 
@@ -296,6 +297,21 @@ def unreached_layers(
                     dead.add(producer)
                     changed = True
     return [t.name or "<root>" for t in targets if t.name in dead]
+
+
+def warn_existing_masks(maskable: Iterable[tuple[nn.Module, str, str]]) -> None:
+    """Warn when parameters a new pruner will mask already carry prunekit masks (a second pruner on
+    one model, or a model saved with its masks): they are kept and shared, which is easy to trip on."""
+    names = [full for module, param, full in maskable if mask_buffer_name(param) in module._buffers]
+    if names:
+        shown = names if len(names) <= 4 else [*names[:4], f"… ({len(names)} in all)"]
+        warnings.warn(
+            f"{shown} already carry prunekit masks (from an earlier pk.prune / pk.Pruner): this pruner keeps them "
+            "(masks only grow) and shares them, so either pruner's remove() drops them for both. To prune further, "
+            "prefer the existing pruner's prune(sparsity=...)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def warn_unreached(names: list[str]) -> None:

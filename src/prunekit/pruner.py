@@ -209,6 +209,7 @@ class Pruner:
         self._optimizer: torch.optim.Optimizer | None = None
         self._removed = False
         self._maskable_params = self._list_maskable()
+        checks.warn_existing_masks(self._maskable_params)  # reliability check (checks.py): a second pruner
 
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
