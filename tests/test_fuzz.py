@@ -88,6 +88,9 @@ def arguments(draw, model):
         kwargs["coupled"] = False
     if coupled:
         kwargs["round_to"] = draw(st.sampled_from([1, 1, 2]))
+        kwargs["prune_outputs"] = draw(st.sampled_from([False, False, True]))
+        kwargs["sparsity_in"] = draw(st.sampled_from(["channels", "channels", "params", "macs"]))
+        kwargs["prune_only"] = draw(st.sampled_from([None, None, "width"]))
     if draw(st.integers(0, 3)):
         return kwargs, coupled, None, ""
     name, value, error = draw(st.randoms(use_true_random=False)).choice(INVALID_CASES)
@@ -168,10 +171,13 @@ def test_random_arguments_on_random_networks(data):
         torch.testing.assert_close(model(x), masked_before)
     sparsity, scope, min_kept = kwargs["sparsity"], kwargs["scope"], kwargs["min_kept"]
     if coupled:
-        if kwargs.get("round_to", 1) == 1:
+        plain = kwargs["round_to"] == 1 and kwargs["sparsity_in"] == "channels" and kwargs["prune_only"] is None
+        if plain:
             counted, want = _expected_coupled(pruner, sparsity, scope, min_kept)
             assert counted == want, (kwargs, pruner.dependencies.families)
-        _check_compaction(model, x, original)
+        elif kwargs["sparsity_in"] != "channels" and min_kept and kwargs["prune_only"] is None:
+            _check_cost_reached(model, x, pruner, kwargs)
+        _check_compaction(model, x, original, kwargs["prune_outputs"])
     else:
         counted, want = _expected_uncoupled(pruner, sparsity, scope, min_kept)
         assert counted == want, kwargs
@@ -216,7 +222,23 @@ def _check_training_keeps_pruned_weights_at_zero(model, x, pruner):
         assert not bool(named[name].detach()[~keep].any()), name
 
 
-def _check_compaction(model, x, original):
+def _check_cost_reached(model, x, pruner, kwargs):
+    """With sparsity_in="params" / "macs", the removed units save at least the requested fraction of
+    parameters / MACs, unless every family already lost all that min_kept lets it lose."""
+    from prunekit.structure.cost import UnitCosts
+    from prunekit.summary import weight_applications
+
+    deps = pruner.dependencies
+    applied = weight_applications(model, x) if kwargs["sparsity_in"] == "macs" else None
+    pruned = removed_units(deps)
+    saved = UnitCosts(model, deps, applied).removed_fraction(pruned, kwargs["sparsity_in"])
+    if saved + 1e-9 < kwargs["sparsity"]:
+        sizes = torch.bincount(deps.unit_family, minlength=len(deps.families))
+        lost = torch.bincount(deps.unit_family[pruned], minlength=len(deps.families))
+        assert torch.equal(lost, (sizes - kwargs["min_kept"]).clamp(min=0)), (kwargs, saved)
+
+
+def _check_compaction(model, x, original, prune_outputs=False):
     """pk.compact equals the masked model, or says which module and op it could not handle; the
     compacted model saved with pk.save_pruned loads into ``original`` (an unpruned copy) and computes
     the same."""
@@ -224,12 +246,14 @@ def _check_compaction(model, x, original):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            small = pk.compact(model, x)
+            small = pk.compact(model, x, prune_outputs=prune_outputs)
     except pk.CompactionError as error:
         event("CompactionError")
         names = [n for n, _ in model.named_modules() if n]
         assert any(f"'{n}'" in str(error) for n in names), f"CompactionError names no module: {error}"
         return
+    if prune_outputs and small(x).shape != masked.shape:  # pruned classes are gone, not zero
+        masked = masked[:, masked.abs().sum(dim=0) != 0]
     torch.testing.assert_close(small(x), masked, atol=1e-5, rtol=1e-4)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     assert all(flags[n] == p.requires_grad for n, p in small.named_parameters())
