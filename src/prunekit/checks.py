@@ -2,30 +2,40 @@
 
 Every kind of module or parameter prunekit meets is decided here deliberately: honoured, refused
 with an error that says what to do, or reported with a warning that says what to do. Nothing is
-skipped silently. The decisions (each has a test in ``tests/test_reliability.py``):
+skipped silently. The decisions (each has a test in ``tests/test_module_kinds.py`` or
+``tests/test_reliability.py``):
 
-- ``nn.DataParallel`` / ``DistributedDataParallel`` / ``torch.compile`` wrappers: refused; prune
-  the wrapped model (``model.module``, ``model._orig_mod``) before wrapping or compiling, so layer
-  names match and compaction can change shapes.
-- Reparametrized weights (``torch.nn.utils.parametrize``, including the new ``weight_norm`` and
-  ``spectral_norm``; the legacy hook-based ``weight_norm`` / ``spectral_norm``; leftovers of
-  ``torch.nn.utils.prune``): refused, naming the layer and the call that removes the
-  reparametrization, because the stored ``weight`` is recomputed in every forward and a mask on it
-  would not hold. ``include=`` may leave such layers out.
+- ``nn.DataParallel`` / ``DistributedDataParallel`` / ``torch.compile`` wrappers: refused by the
+  pruner and by :func:`prunekit.compact`; prune the wrapped model (``model.module``,
+  ``model._orig_mod``) before wrapping or compiling, so layer names match and compaction can change
+  shapes.
+- Reparametrized weights of a layer prunekit would prune (``torch.nn.utils.parametrize``, including
+  the new ``weight_norm`` and ``spectral_norm``; the legacy hook-based ``weight_norm`` /
+  ``spectral_norm``; leftovers of ``torch.nn.utils.prune``): refused, naming the layer and the call
+  that removes the reparametrization, because the stored ``weight`` is recomputed in every forward
+  and a mask on it would not hold. ``include=`` may leave such layers out; reparametrized modules
+  prunekit does not prune (a LayerNorm) are fine.
 - Quantized layers (``torch.ao.nn.quantized``, packed int8 weights): refused; prune the float model,
   then quantize. Fake-quant (QAT) layers keep a float weight and are honoured: a pruned zero stays
   zero through the fake quantization, since 0 is exactly representable.
 - Parameters on the meta device: refused (there are no values to score); tracing a meta model with
   :func:`prunekit.trace_dependencies` still works.
 - NaN or inf in any tensor pruning touches (weights, biases, norm parameters and running statistics
-  masked or sliced with their channels): refused, naming the tensor, because 0 · NaN is NaN.
-- Frozen, tied, fp16 / bf16 and channels_last parameters are honoured as they are (masks are applied
-  in place and keep ``requires_grad``, dtype, memory format and ties).
-- Options that do not apply to the chosen mode (``round_to``, ``max_layer_sparsity``,
+  masked or sliced with their channels): refused, naming the layer and tensor, because 0 · NaN is
+  NaN. :func:`prunekit.compact` refuses NaN or inf outputs instead of passing its check.
+- Frozen, tied, fp16 / bf16 and channels_last parameters are honoured (masks are applied in place;
+  compaction keeps ``requires_grad``, dtype, memory format, and slices a tied tensor once for all
+  its owners).
+- A second pruner over parameters that already carry prunekit masks: honoured (it keeps them, since
+  masks only grow), with a warning that the masks are shared; pruners on disjoint layers are quiet.
+- Options that do not apply to the chosen mode are refused: ``round_to``, ``max_layer_sparsity``,
   ``prune_outputs`` outside coupled structured pruning; ``coupled=False`` with another granularity
-  than ``"out_channel"``) are refused; ``granularity="out_channel"`` without ``example_inputs`` warns.
-- Layers whose outputs reach no model output for the example inputs (an unused pooler) are pruned
-  like the others, with a warning naming them.
+  than ``"out_channel"``; ``seed`` with a criterion other than ``"random"``; on/off options that are
+  not booleans. ``granularity="out_channel"`` without ``example_inputs`` warns.
+- Layers no model output depends on for the example inputs (they do not run, or nothing reads their
+  output, such as an unused pooler) are pruned like the others, with a warning naming them.
+- :func:`prunekit.compact` warns when it removes nothing (unstructured masks), refuses a plan that
+  would leave a layer with no channels (``min_kept=0``), and validates ``tolerance``.
 """
 
 from __future__ import annotations
