@@ -79,7 +79,10 @@ def test_fake_quant_layers_are_honoured():
 
 @pytest.mark.parametrize(
     "wrap, match",
-    [(nn.DataParallel, r"DataParallel.*model\.module"), (torch.compile, r"torch\.compile.*model\._orig_mod")],
+    [
+        (nn.DataParallel, r"DataParallel.*model\.module"),
+        pytest.param(torch.compile, r"torch\.compile.*model\._orig_mod", marks=pytest.mark.slow),  # imports dynamo
+    ],
 )
 def test_wrapped_and_compiled_models_are_refused(wrap, match):
     inner = make_mlp()
