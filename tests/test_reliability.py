@@ -282,3 +282,19 @@ def test_compact_refuses_a_plan_that_empties_a_layer():
     with pytest.raises(pk.CompactionError, match=r"of '0\.(weight|bias)'.*module '0' with no channels.*min_kept"):
         pk.compact(model, X)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "model, x, match",
+    [
+        (nn.Sequential(nn.Linear(8, 4)), torch.randn(2, 8), "reaches a model output"),
+        (
+            nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(), nn.Conv2d(8, 2, 1)),
+            torch.randn(2, 3, 6, 6),
+            "affine=False",
+        ),
+    ],
+)
+def test_coupled_pruning_of_a_model_with_no_removable_unit_is_refused(model, x, match):
+    expect_refusal(model, lambda: pk.prune(model, 0.5, granularity="out_channel", example_inputs=x), ValueError, match)
+    pk.prune(model, 0.0, granularity="out_channel", example_inputs=x)  # nothing asked, nothing refused

@@ -309,6 +309,22 @@ def unreached_layers(
     return [t.name or "<root>" for t in targets if t.name in dead]
 
 
+def check_has_units(dependencies: ChannelDependencies, sparsity: float, prune_outputs: bool) -> None:
+    """Refuse coupled structured pruning to a sparsity above 0 of a model with no removable unit,
+    which would otherwise prune nothing without a word."""
+    if sparsity > 0 and dependencies.num_units == 0:
+        hint = (
+            ""
+            if prune_outputs
+            else "every channel reaches a model output (prune_outputs=True allows removing those), or "
+        )
+        raise ValueError(
+            f"coupled structured pruning found no removable channel, neuron or head in this model: {hint}the channels "
+            "pass through an op after which a zeroed channel is not zero (e.g. BatchNorm with affine=False). Prune "
+            "with coupled=False (masks only), or use another granularity"
+        )
+
+
 def warn_existing_masks(maskable: Iterable[tuple[nn.Module, str, str]]) -> None:
     """Warn when parameters a new pruner will mask already carry prunekit masks (a second pruner on
     one model, or a model saved with its masks): they are kept and shared, which is easy to trip on."""
