@@ -11,8 +11,13 @@ Invariants checked on every example:
   structured pruning the same count over coupled units (per family, or pooled);
 - ``requires_grad`` is kept, and after an SGD step and ``pruner.step()`` every pruned entry is zero;
 - no layer of these networks (all of which feed the output) is reported as affecting no output;
+- with ``sparsity_in="params"``/``"macs"`` the requested fraction is saved, unless every family is at
+  its ``min_kept`` cap;
 - compaction equals the masked model (and keeps ``requires_grad``), or raises a
-  :class:`prunekit.CompactionError` that names the module (naming the op as well is defect 11's).
+  :class:`prunekit.CompactionError` that names the module (naming the op as well is defect 11's);
+  the compacted model round-trips through ``save_pruned``/``load_pruned`` bit for bit;
+- through Iterative and Gradual schedules with SGD steps, masks only grow, pruned weights stay zero
+  and the last event leaves exactly the final count; N:M keeps exactly n of every m.
 
 Defects that other sessions are fixing are checked, xfail, in test_known_defects.py.
 Examples are derandomized so that CI is reproducible; ``PRUNEKIT_FUZZ_SCALE=20`` runs twenty times
