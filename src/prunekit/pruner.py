@@ -185,7 +185,9 @@ class Pruner:
         self._costs: UnitCosts | None = None
         if coupled and isinstance(self.granularity, OutChannel) and example_inputs is not None:
             with checks.record_calls(model) as ran:  # reliability check (checks.py): layers no output reads
-                self.dependencies = trace_dependencies(model, example_inputs, exclude=exclude, prune_outputs=prune_outputs)
+                self.dependencies = trace_dependencies(
+                    model, example_inputs, exclude=exclude, prune_outputs=prune_outputs
+                )
             checks.check_has_units(self.dependencies, self.sparsity_target, prune_outputs)
             checks.warn_unreached(checks.unreached_layers(self.dependencies, self.targets, ran, prune_outputs))
             self._family_sparsity = self._resolve_family_sparsity(layer_sparsity or {})
