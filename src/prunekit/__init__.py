@@ -22,7 +22,7 @@ import importlib
 
 from . import attention as _attention  # noqa: F401  registers nn.MultiheadAttention's compaction
 from . import compressed, fhe, hf
-from .compact import CompactionError, apply_plan, compact, load_pruned, save_pruned
+from .compact import CompactionError, compact
 from .compressed import CompressedFileError, inspect_file, share_weights
 from .core.config import PruningConfig, StructuredOptions
 from .core.layers import ChannelMap, LayerHandler, register_layer, unregister_layer
@@ -41,8 +41,10 @@ from .methods.criteria import (
 )
 from .methods.granularity import NM, Block, Granularity, register_granularity
 from .methods.schedules import Gradual, Iterative, OneShot, Schedule, epochs_to_steps
+from .plans import apply_plan
 from .pruner import Pruner, prune
 from .recipes import Recipe, RecipeError, load_recipe
+from .saving import load_pruned, save_pruned
 from .structure import ChannelDependencies, UnsupportedOperationError, trace_dependencies
 from .summary import LayerStats, Summary, summary
 
