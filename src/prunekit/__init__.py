@@ -14,13 +14,14 @@ Quick start::
     print(pk.summary(model))
 """
 
-from . import bench, data, fhe
+from . import bench, data, fhe, sparse
 from .compact import CompactionError, apply_plan, compact, load_pruned, save_pruned
 from .criteria import Criterion, Custom, Gradient, L2Magnitude, Magnitude, Movement, Random
 from .granularity import NM, Block, Granularity
 from .hf import from_pretrained
 from .masks import masked_parameters
 from .pruner import Pruner, prune
+from .sparse import to_dense, to_sparse
 from .schedules import Gradual, Iterative, OneShot, Schedule, epochs_to_steps
 from .structure import ChannelDependencies, UnsupportedOperationError, trace_dependencies
 from .summary import LayerStats, Summary, summary
@@ -60,5 +61,8 @@ __all__ = [
     "from_pretrained",
     "masked_parameters",
     "prune",
+    "sparse",
     "summary",
+    "to_dense",
+    "to_sparse",
 ]

@@ -40,7 +40,15 @@ ATTENTION_KIND = "attention (activation × activation)"
 """The ``kind`` of the rows counting products of two activations (attention scores and weighted values)."""
 
 
+def _is_sparse_layer(module: nn.Module) -> bool:
+    """A layer of :mod:`prunekit.sparse` (its weight is a sparse buffer; recognised by a marker, since
+    summary sits below the sparse package)."""
+    return getattr(module, "prunekit_sparse_layer", False) is True
+
+
 def _counts_weight_macs(module: nn.Module) -> bool:
+    if _is_sparse_layer(module):
+        return True
     weight = getattr(module, "weight", None)
     hf_conv1d = is_hf_conv1d(module) and isinstance(weight, torch.Tensor) and weight.ndim == 2
     return isinstance(module, (nn.Linear, *_CONV, *_CONV_T)) or hf_conv1d
@@ -276,7 +284,9 @@ def _positions(
     counted: dict[nn.Module, int] = {}
 
     def hook(module, inputs, output):
-        if isinstance(module, _CONV_T):
+        if _is_sparse_layer(module):
+            positions = output.numel() // module.out_features
+        elif isinstance(module, _CONV_T):
             positions = inputs[0].numel() // module.in_channels
         elif isinstance(module, _CONV):
             positions = output.numel() // module.out_channels
@@ -361,7 +371,8 @@ def summary(model: nn.Module, example_inputs: Any = None) -> Summary:
             rows.append(LayerStats(name, ATTENTION_KIND, 0, 0, products[name], products[name]))
 
     walk("", model)
-    return Summary(rows)
+    report = getattr(model, "prunekit_sparse", None)
+    return Summary(rows, notes=list(report.notes()) if hasattr(report, "notes") else [])
 
 
 def _weight_row(
@@ -370,6 +381,8 @@ def _weight_row(
     """The row of a module with parameters of its own (not counted in an earlier row), else none. A layer
     whose weight is shared with an earlier row (a language model's output layer tied to the input
     embedding) still computes: it gets a row with its MACs and no parameters."""
+    if _is_sparse_layer(module):
+        return [_sparse_row(name, module, positions, example_inputs)]
     params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
     weight = getattr(module, "weight", None)
     if not params and not (_counts_weight_macs(module) and isinstance(weight, torch.Tensor)):
@@ -388,3 +401,22 @@ def _weight_row(
         elif example_inputs is not None:
             row.macs = row.nonzero_macs = 0  # not reached by this input
     return [row]
+
+
+def _sparse_row(name: str, module: nn.Module, positions: dict[nn.Module, int], example_inputs: Any) -> LayerStats:
+    """The row of a :mod:`prunekit.sparse` layer: counted as the dense layer it stands for (all its weights,
+    zeros included, and its bias), its kind naming the kernel and the measured gain."""
+    weights = module.out_features * module.in_features
+    nonzero_weights = module.nonzero_weights()
+    bias = module.bias
+    params = weights + (bias.numel() if bias is not None else 0)
+    nonzero = nonzero_weights + (int(torch.count_nonzero(bias)) if bias is not None else 0)
+    row = LayerStats(name, f"{type(module).__name__} [{module.describe()}]", params, nonzero)
+    applied = positions.get(module)
+    if applied is None and example_inputs is None and type(module).__name__ == "SparseLinear":
+        applied = 1
+    if applied is not None:
+        row.macs, row.nonzero_macs = weights * applied, nonzero_weights * applied
+    elif example_inputs is not None:
+        row.macs = row.nonzero_macs = 0
+    return row
