@@ -21,8 +21,8 @@ from .granularity import NM, Block, Granularity
 from .hf import from_pretrained
 from .masks import masked_parameters
 from .pruner import Pruner, prune
-from .sparse import to_dense, to_sparse
 from .schedules import Gradual, Iterative, OneShot, Schedule, epochs_to_steps
+from .sparse import to_dense, to_sparse
 from .structure import ChannelDependencies, UnsupportedOperationError, trace_dependencies
 from .summary import LayerStats, Summary, summary
 

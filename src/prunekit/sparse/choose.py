@@ -18,8 +18,8 @@ from torch import nn
 
 from .kernels import SparseConv2d, SparseLayer, SparseLinear, conv2d_supported
 
-#: Tile shapes (rows, columns) tried for BSR, largest first.
-BLOCK_SIZES = ((64, 64), (32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (32, 1), (16, 1), (8, 1), (4, 1), (1, 4), (1, 8))
+#: Tile shapes (rows, columns) tried for BSR, largest first; square, as torch's CPU kernel (MKL) requires.
+BLOCK_SIZES = ((64, 64), (32, 32), (16, 16), (8, 8), (4, 4), (2, 2))
 #: A weight is block-structured for a tile shape when its non-zeros fill at least this fraction of the
 #: tiles that hold any (BSR stores and multiplies the zeros inside a tile).
 MIN_TILE_FILL = 0.75

@@ -63,6 +63,8 @@ def to_sparse_matrix(matrix: torch.Tensor, kernel: str, blocksize: tuple[int, in
         if kernel == "bsr":
             if blocksize is None:
                 raise ValueError("kernel 'bsr' needs a blocksize (rows, columns)")
+            if blocksize[0] != blocksize[1] and matrix.device.type == "cpu":
+                raise ValueError(f"torch's CPU BSR kernel (MKL) needs square blocks, got {tuple(blocksize)}")
             bsr = matrix.detach().to_sparse_bsr(blocksize)
             return torch.sparse_bsr_tensor(
                 bsr.crow_indices().to(torch.int32),
