@@ -17,6 +17,7 @@ Quick start::
 from . import bench, data, fhe, sparse
 from .compact import CompactionError, apply_plan, compact, load_pruned, save_pruned
 from .criteria import Criterion, Custom, Gradient, L2Magnitude, Magnitude, Movement, Random
+from .export import OnnxExport, export_onnx
 from .granularity import NM, Block, Granularity
 from .hf import from_pretrained
 from .masks import masked_parameters
@@ -57,6 +58,8 @@ __all__ = [
     "bench",
     "data",
     "epochs_to_steps",
+    "export_onnx",
+    "OnnxExport",
     "fhe",
     "from_pretrained",
     "masked_parameters",
