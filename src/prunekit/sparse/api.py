@@ -124,7 +124,7 @@ def to_sparse(
     kernel: str = "auto",
     inplace: bool = False,
     min_gain: float = 1.05,
-    rounds: int = 7,
+    rounds: int = 21,
     check: bool = True,
     tolerance: float = 1e-4,
 ) -> nn.Module:
@@ -146,7 +146,7 @@ def to_sparse(
 
     The returned model is for inference (see :mod:`prunekit.sparse.kernels`); ``model.prunekit_sparse``
     (a :class:`SparseReport`) records each layer's choice, and with ``"auto"`` the whole model's dense and
-    sparse seconds. If the whole model measures slower sparse than dense, every layer is put back (with a
+    sparse seconds. If the whole model is not faster by ``min_gain`` too, every layer is put back (with a
     warning). :func:`prunekit.summary` prints the kernels and gains; :func:`to_dense` undoes the swap.
     """
     if not isinstance(model, nn.Module):
@@ -183,14 +183,17 @@ def to_sparse(
                 _check_outputs(reference, call_model(target, example_inputs), tolerance)
         if kernel == "auto" and originals:
             report.seconds = _model_seconds(target, originals, example_inputs, rounds)
-            if report.gain is not None and report.gain < 1.0:
+            if report.gain is not None and report.gain < min_gain:
                 warnings.warn(
-                    f"the whole model ran slower with sparse layers (×{report.gain:.2f}); keeping it dense",
+                    f"the whole model ran at ×{report.gain:.2f} the dense speed with sparse layers (below "
+                    f"min_gain={min_gain:g}); keeping it dense",
                     stacklevel=2,
                 )
                 for name, layer in originals.items():
                     _set_submodule(target, name, layer)
-                    report.layers[name] = Choice(name, "dense", batch=report.batch, reason="whole model slower sparse")
+                    report.layers[name] = Choice(
+                        name, "dense", batch=report.batch, reason="whole model not faster sparse"
+                    )
                 originals.clear()
     except BaseException:
         for name, layer in originals.items():  # leave an in-place model exactly as it was
@@ -214,9 +217,7 @@ def _model_seconds(model: nn.Module, originals: dict[str, nn.Module], example_in
 
     try:
         with torch.no_grad():
-            return interleaved_seconds(
-                {"dense": lambda: run(originals), "sparse": lambda: run(swapped)}, rounds, min_seconds=0.01
-            )
+            return interleaved_seconds({"dense": lambda: run(originals), "sparse": lambda: run(swapped)}, rounds)
     finally:
         for name, layer in swapped.items():
             _set_submodule(model, name, layer)

@@ -121,10 +121,15 @@ def candidates(layer: nn.Module) -> dict[str, tuple[int, int] | None]:
 
 
 def interleaved_seconds(
-    calls: dict[str, Callable[[], object]], rounds: int = 7, min_seconds: float = 0.002
+    calls: dict[str, Callable[[], object]], rounds: int = 21, min_seconds: float = 0.001
 ) -> dict[str, float]:
     """Median seconds per call of each function: two warm-up calls each, then ``rounds`` rounds in which
-    every function runs in turn, each enough times in a row to take about ``min_seconds``."""
+    every function runs in turn, each enough times in a row to take about ``min_seconds``.
+
+    Many short runs rather than a few long ones: on a CPU shared with other processes a run of about a
+    millisecond mostly fits in one scheduler time slice, so the median is the uncontended time, while
+    runs of tens of milliseconds are cut by preemption at random and two identical models can measure
+    several times apart."""
     repeats = {}
     for name, call in calls.items():
         call()
@@ -159,7 +164,7 @@ def _close(reference: torch.Tensor, result: torch.Tensor) -> bool:
 
 
 def choose(
-    name: str, layer: nn.Module, inputs: torch.Tensor, *, rounds: int = 7, min_gain: float = 1.05
+    name: str, layer: nn.Module, inputs: torch.Tensor, *, rounds: int = 21, min_gain: float = 1.05
 ) -> tuple[SparseLayer | None, Choice]:
     """Measure ``layer`` against each of its :func:`candidates` on ``inputs`` (its input in the example
     batch) and return the fastest sparse module with its :class:`Choice`, or ``(None, choice)`` when dense
