@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _common  # noqa: E402
 
 import prunekit as pk  # noqa: E402
+from prunekit.sparse.choose import interleaved_seconds  # noqa: E402
 from prunekit.sparse.kernels import to_sparse_matrix  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta state")
@@ -84,18 +85,11 @@ def run_point(build, features: int, sparsity: float, batch: int, rounds: int) ->
     with torch.no_grad():
         assert torch.allclose(fast(x), model(x), rtol=1e-4, atol=1e-4)
         assert torch.allclose(peer(x), model(x), rtol=1e-4, atol=1e-4)
-    repeats = max(1, round(0.02 / max(_once(model, x), 1e-6)))
-    seconds = _common.interleaved_latency({"dense": model, "pk": fast, "torch_csr": peer}, x, rounds, repeats)
+    with torch.no_grad():
+        calls = {"dense": lambda: model(x), "pk": lambda: fast(x), "torch_csr": lambda: peer(x)}
+        seconds = interleaved_seconds(calls, rounds)
     kernels = [c.kernel for c in fast.prunekit_sparse.layers.values()]
     return {"seconds": seconds, "kernels": kernels}
-
-
-def _once(model, x) -> float:
-    with torch.no_grad():
-        model(x)
-        start = time.perf_counter()
-        model(x)
-    return time.perf_counter() - start
 
 
 def layout_table(rounds: int) -> list[str]:
@@ -131,7 +125,7 @@ def _layouts(weight, csr64, csr32, bias, x, rounds) -> dict[str, float]:
         "mm32": lambda: torch.addmm(bias[:, None], csr32, x.t()).t().contiguous(),
     }
     with torch.no_grad():
-        return pk.sparse.choose.interleaved_seconds(calls, rounds, min_seconds=0.01)
+        return interleaved_seconds(calls, rounds)
 
 
 def plot(results: dict, path) -> None:
@@ -165,10 +159,13 @@ def plot(results: dict, path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="90%% sparsity only, 5 rounds")
-    parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds per point (median counts)")
+    parser.add_argument("--quick", action="store_true", help="90%% sparsity only, 15 rounds")
+    parser.add_argument("--rounds", type=int, default=41, help="interleaved rounds per point (median counts)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
-    rounds = 5 if args.quick else args.rounds
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds = 15 if args.quick else args.rounds
     sparsities = (0.9,) if args.quick else SPARSITIES
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -187,17 +184,19 @@ def main(argv=None) -> None:
                 )
     layouts = layout_table(rounds)
     seconds = time.perf_counter() - started
-    name = "sparse_speed_quick" if args.quick else "sparse_speed"
+    name = "sparse_speed" + ("_quick" if args.quick else "") + (f"_{args.threads}threads" if args.threads else "")
+    command = " ".join(["python benchmarks/sparse_speed.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [
         "# Sparse execution on CPU: pk.to_sparse vs dense vs torch's CSR",
         "",
-        f"Command: `python benchmarks/sparse_speed.py{' --quick' if args.quick else ''}` ({seconds:.0f} s). "
+        f"Command: `{command.strip()}` ({seconds:.0f} s). "
         f"Date {_common.today()}. Machine: {_common.machine()}; prunekit {pk.__version__}.",
         "",
         f"The machine is **shared** with other sessions (load average {load_before[0]:.2f} at the start, "
         f"{os.getloadavg()[0]:.2f} at the end): every figure is the median of {rounds} rounds in which the dense "
-        "model, the pk.to_sparse model and the peer run in turn (each ~20 ms of repeated passes per round), so "
-        "drift hits all three alike. Speed-up = dense seconds / seconds (×, higher is faster).",
+        "model, the pk.to_sparse model and the peer run in turn (each ~1 ms of repeated passes, or one pass if "
+        "longer, per round), so drift hits all three alike; short runs mostly fit in one scheduler time slice "
+        "(with 20 ms runs, two identical models measured up to 3× apart here). Speed-up = dense seconds / seconds (×, higher is faster).",
         "",
         "Models: random weights, magnitude-pruned per layer (`granularity='weight', scope='local'`). pk.to_sparse "
         "runs with `kernel='auto'` and the example batch of the row; its kernels are listed per layer "

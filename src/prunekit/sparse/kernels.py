@@ -159,8 +159,7 @@ class SparseLayer(nn.Module):
     def dense_matrix(self) -> torch.Tensor:
         """The weight as a dense ``(out, in)`` matrix."""
         if self.kernel == "semi":
-            eye = torch.eye(self.in_features, dtype=self.weight_sparse.dtype, device=self.weight_sparse.device)
-            return (self.weight_sparse @ eye).contiguous()
+            return self.weight_sparse.to_dense().contiguous()  # SparseSemiStructuredTensor.to_dense: exact
         return _dense_matrix(self.weight_sparse)
 
     def dense_weight(self) -> torch.Tensor:
