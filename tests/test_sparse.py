@@ -269,14 +269,18 @@ def test_state_dict_keeps_the_dense_keys_and_loads_both_ways():
         fast.load_state_dict({**other.state_dict(), "0.weight": torch.zeros(3, 3)})
 
 
-def test_deepcopy_of_a_sparse_model():
+def test_deepcopy_and_torch_save_of_a_sparse_model(tmp_path):
     model = _mlp()
     fast = pk.to_sparse(model, torch.randn(2, 20), kernel="csr")
     twin = copy.deepcopy(fast)
     assert twin[0].weight_sparse is not fast[0].weight_sparse
+    torch.save(fast, tmp_path / "fast.pt")
+    loaded = torch.load(tmp_path / "fast.pt", weights_only=False)
     x = torch.randn(2, 20)
     with torch.no_grad():
         _close(fast(x), twin(x))
+        _close(fast(x), loaded(x))
+    assert torch.equal(pk.to_dense(loaded)[0].weight, model[0].weight)
 
 
 def test_training_through_a_sparse_layer_raises():
