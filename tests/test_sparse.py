@@ -169,6 +169,7 @@ def test_to_sparse_forced_csr_model_equals_and_to_dense_restores():
     assert not hasattr(dense, "prunekit_sparse")
 
 
+@pytest.mark.filterwarnings("ignore:the whole model ran")
 def test_auto_keeps_outputs_whatever_it_chooses():
     model = _mlp()
     x = torch.randn(16, 20)
@@ -178,6 +179,22 @@ def test_auto_keeps_outputs_whatever_it_chooses():
     assert all(choice.kernel in ("csr", "bsr", "dense") for choice in report.layers.values())
     with torch.no_grad():
         _close(model(x), fast(x))
+
+
+def test_gpt2_conv1d_layers_run_sparse_and_exclude_keeps_named_layers_dense():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4)).eval()
+    pk.prune(model, sparsity=0.8, granularity="weight", exclude=["lm_head"]).remove()
+    inputs = {"input_ids": torch.randint(0, 100, (2, 7))}
+    fast = pk.to_sparse(model, inputs, kernel="csr", exclude=["transformer.h.1.*"])
+    assert type(fast.transformer.h[0].mlp.c_fc) is SparseLinear and fast.transformer.h[0].mlp.c_fc.transposed
+    assert type(fast.transformer.h[1].attn.c_attn).__name__ == "Conv1D"
+    assert fast.prunekit_sparse.layers["transformer.h.1.mlp.c_proj"].reason == "excluded"
+    with torch.no_grad():
+        torch.testing.assert_close(fast(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="match no module"):
+        pk.to_sparse(model, inputs, exclude=["decoder.*"])
 
 
 def test_auto_leaves_a_layer_without_zeros_dense():

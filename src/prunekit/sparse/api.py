@@ -4,7 +4,9 @@ and back."""
 from __future__ import annotations
 
 import copy
+import fnmatch
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +124,7 @@ def to_sparse(
     example_inputs: Any,
     *,
     kernel: str = "auto",
+    exclude: Iterable[str] = (),
     inplace: bool = False,
     min_gain: float = 1.05,
     rounds: int = 21,
@@ -139,6 +142,8 @@ def to_sparse(
             kernel must beat dense by ``min_gain``, a ratio), or force one: ``"csr"`` (every eligible layer),
             ``"bsr"`` (layers whose non-zeros fill tiles, see :func:`~prunekit.sparse.choose.block_size`),
             ``"semi"`` (2:4 layers on CUDA), ``"dense"`` (none).
+        exclude: module names or ``fnmatch`` patterns (``"classifier"``, ``"encoder.layer.*.output.dense"``) of
+            layers to leave dense, e.g. layers whose ``.weight`` the model reads directly.
         inplace: swap the layers of ``model`` itself instead of a deep copy.
         rounds: rounds of interleaved timing per layer (the median counts).
         check: run both models on ``example_inputs`` and raise if an output differs by more than
@@ -157,6 +162,15 @@ def to_sparse(
         raise ValueError(f"min_gain must be a positive ratio (1.05 = 5% faster), got {min_gain!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    exclude = tuple(exclude)
+    if not all(isinstance(pattern, str) for pattern in exclude):
+        raise TypeError(f"exclude takes module names or fnmatch patterns (strings), got {exclude!r}")
+    names = {name for name, _ in model.named_modules()}
+    unmatched = [p for p in exclude if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+    if unmatched:
+        raise ValueError(f"exclude patterns {unmatched} match no module of the model")
     if any(isinstance(m, SparseLayer) for m in model.modules()):
         raise ValueError("the model already has sparse layers; call pk.to_dense(model) first")
 
@@ -173,6 +187,9 @@ def to_sparse(
     try:
         inputs, reference = _layer_inputs(target, layers, example_inputs)
         for name, layer in layers.items():
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+                report.layers[name] = Choice(name, "dense", reason="excluded")
+                continue
             module, choice = _decide(name, layer, inputs.get(name), kernel, min_gain, rounds)
             report.layers[name] = choice
             if module is not None:
@@ -180,7 +197,14 @@ def to_sparse(
                 _set_submodule(target, name, module)
         if check and originals:
             with torch.no_grad():
-                _check_outputs(reference, call_model(target, example_inputs), tolerance)
+                try:
+                    result = call_model(target, example_inputs)
+                except Exception as error:
+                    raise RuntimeError(
+                        f"the model fails with sparse layers ({type(error).__name__}: {error}); it probably reads a "
+                        "layer's .weight directly: leave that layer dense with exclude=[name]"
+                    ) from error
+                _check_outputs(reference, result, tolerance)
         if kernel == "auto" and originals:
             report.seconds = _model_seconds(target, originals, example_inputs, rounds)
             if report.gain is not None and report.gain < min_gain:
