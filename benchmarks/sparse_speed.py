@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _common  # noqa: E402
 
 import prunekit as pk  # noqa: E402
-from prunekit.sparse.choose import interleaved_seconds  # noqa: E402
+from prunekit.sparse.choose import interleaved_seconds, interleaved_times  # noqa: E402
 from prunekit.sparse.kernels import to_sparse_matrix  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta state")
@@ -87,9 +88,11 @@ def run_point(build, features: int, sparsity: float, batch: int, rounds: int) ->
         assert torch.allclose(peer(x), model(x), rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         calls = {"dense": lambda: model(x), "pk": lambda: fast(x), "torch_csr": lambda: peer(x)}
-        seconds = interleaved_seconds(calls, rounds)
+        times = interleaved_times(calls, rounds)
     kernels = [c.kernel for c in fast.prunekit_sparse.layers.values()]
-    return {"seconds": seconds, "kernels": kernels}
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    best = {name: min(values) for name, values in times.items()}
+    return {"seconds": seconds, "best": best, "kernels": kernels}
 
 
 def layout_table(rounds: int) -> list[str]:
@@ -203,16 +206,19 @@ def main(argv=None) -> None:
         "(csr = CSR int32, dense = kept dense because no sparse kernel was faster). Peer: torch alone, "
         "`F.linear(x, weight.to_sparse_csr(), bias)` (int64 indices), as a user would write it.",
         "",
+        "Columns: medians; in brackets, the ratio of the fastest round of each (the uncontended time, a check on "
+        "the medians when the machine is busy).",
+        "",
         "| model | sparsity | batch | dense ms | pk.to_sparse ms | pk × | torch CSR ms | torch CSR × | pk kernels |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for model_name, points in results.items():
         for (sparsity, batch), point in sorted(points.items()):
-            s = point["seconds"]
+            s, b = point["seconds"], point["best"]
             lines.append(
                 f"| {model_name} | {sparsity:.0%} | {batch} | {s['dense'] * 1e3:.3f} | {s['pk'] * 1e3:.3f} | "
-                f"**×{s['dense'] / s['pk']:.2f}** | {s['torch_csr'] * 1e3:.3f} | ×{s['dense'] / s['torch_csr']:.2f} | "
-                f"{' '.join(point['kernels'])} |"
+                f"**×{s['dense'] / s['pk']:.2f}** (×{b['dense'] / b['pk']:.2f}) | {s['torch_csr'] * 1e3:.3f} | "
+                f"×{s['dense'] / s['torch_csr']:.2f} (×{b['dense'] / b['torch_csr']:.2f}) | {' '.join(point['kernels'])} |"
             )
     lines += [
         "",

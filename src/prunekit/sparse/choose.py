@@ -123,8 +123,15 @@ def candidates(layer: nn.Module) -> dict[str, tuple[int, int] | None]:
 def interleaved_seconds(
     calls: dict[str, Callable[[], object]], rounds: int = 21, min_seconds: float = 0.001
 ) -> dict[str, float]:
-    """Median seconds per call of each function: two warm-up calls each, then ``rounds`` rounds in which
-    every function runs in turn, each enough times in a row to take about ``min_seconds``.
+    """Median seconds per call of each function over the rounds of :func:`interleaved_times`."""
+    return {name: statistics.median(values) for name, values in interleaved_times(calls, rounds, min_seconds).items()}
+
+
+def interleaved_times(
+    calls: dict[str, Callable[[], object]], rounds: int = 21, min_seconds: float = 0.001
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, one value per round: two warm-up calls each, then ``rounds``
+    rounds in which every function runs in turn, each enough times in a row to take about ``min_seconds``.
 
     Many short runs rather than a few long ones: on a CPU shared with other processes a run of about a
     millisecond mostly fits in one scheduler time slice, so the median is the uncontended time, while
@@ -147,7 +154,7 @@ def interleaved_seconds(
                 call()
             _synchronize()
             times[name].append((time.perf_counter() - start) / repeats[name])
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def _synchronize() -> None:
