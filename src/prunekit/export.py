@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .structure.dependencies import call_model
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Run ``model`` on a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
 
 
 @dataclass

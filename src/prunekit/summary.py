@@ -40,9 +40,7 @@ ATTENTION_KIND = "attention (activation × activation)"
 """The ``kind`` of the rows counting products of two activations (attention scores and weighted values)."""
 
 
-def _is_sparse_layer(module: nn.Module) -> bool:
-    """A layer of :mod:`prunekit.sparse` (its weight is a sparse buffer; recognised by a marker, since
-    summary sits below the sparse package)."""
+def _is_sparse_layer(module: nn.Module) -> bool:  # prunekit.sparse's layers (a marker: sparse sits above)
     return getattr(module, "prunekit_sparse_layer", False) is True
 
 
@@ -381,8 +379,11 @@ def _weight_row(
     """The row of a module with parameters of its own (not counted in an earlier row), else none. A layer
     whose weight is shared with an earlier row (a language model's output layer tied to the input
     embedding) still computes: it gets a row with its MACs and no parameters."""
-    if _is_sparse_layer(module):
-        return [_sparse_row(name, module, positions, example_inputs)]
+    if _is_sparse_layer(module):  # counted as the dense layer it stands for, its kind naming the kernel
+        applied = (
+            positions.get(module, 0) if example_inputs is not None else int(module.counts_once_without_inputs) or None
+        )
+        return [LayerStats(name, *module.summary_counts(applied))]
     params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
     weight = getattr(module, "weight", None)
     if not params and not (_counts_weight_macs(module) and isinstance(weight, torch.Tensor)):
@@ -401,22 +402,3 @@ def _weight_row(
         elif example_inputs is not None:
             row.macs = row.nonzero_macs = 0  # not reached by this input
     return [row]
-
-
-def _sparse_row(name: str, module: nn.Module, positions: dict[nn.Module, int], example_inputs: Any) -> LayerStats:
-    """The row of a :mod:`prunekit.sparse` layer: counted as the dense layer it stands for (all its weights,
-    zeros included, and its bias), its kind naming the kernel and the measured gain."""
-    weights = module.out_features * module.in_features
-    nonzero_weights = module.nonzero_weights()
-    bias = module.bias
-    params = weights + (bias.numel() if bias is not None else 0)
-    nonzero = nonzero_weights + (int(torch.count_nonzero(bias)) if bias is not None else 0)
-    row = LayerStats(name, f"{type(module).__name__} [{module.describe()}]", params, nonzero)
-    applied = positions.get(module)
-    if applied is None and example_inputs is None and type(module).__name__ == "SparseLinear":
-        applied = 1
-    if applied is not None:
-        row.macs, row.nonzero_macs = weights * applied, nonzero_weights * applied
-    elif example_inputs is not None:
-        row.macs = row.nonzero_macs = 0
-    return row

@@ -13,9 +13,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..structure.dependencies import call_model
 from .choose import Choice, build, candidates, choose, interleaved_seconds, unsupported, weight_matrix
 from .kernels import SparseLayer
+
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Run ``model`` on a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
 
 KERNEL_CHOICES = ("auto", "csr", "bsr", "semi", "dense")
 

@@ -179,6 +179,19 @@ class SparseLayer(nn.Module):
             return f"{label} (forced)"
         return f"{label} ×{self.measured_gain:.2f} at batch {self.measured_batch}"
 
+    #: Whether :func:`prunekit.summary` without example inputs counts it as applied once (as a Linear).
+    counts_once_without_inputs = False
+
+    def summary_counts(self, applied: int | None) -> tuple[str, int, int, int | None, int | None]:
+        """(kind, parameters, non-zero parameters, MACs, non-zero MACs) of the dense layer this stands for, its
+        weights (zeros included) and bias, applied ``applied`` times (``None``: MACs unknown)."""
+        weights, nonzero_weights = self.out_features * self.in_features, self.nonzero_weights()
+        params, nonzero = weights, nonzero_weights
+        if self.bias is not None:
+            params, nonzero = params + self.bias.numel(), nonzero + int(torch.count_nonzero(self.bias))
+        macs = (weights * applied, nonzero_weights * applied) if applied is not None else (None, None)
+        return (f"{type(self).__name__} [{self.describe()}]", params, nonzero, *macs)
+
     def to_dense(self) -> nn.Module:
         """The original layer type with the same weights (bit-identical) and bias, on this module's device."""
         layer = copy.copy(self._shell)
@@ -244,6 +257,8 @@ class SparseLayer(nn.Module):
 
 class SparseLinear(SparseLayer):
     """An ``nn.Linear`` (or Hugging Face ``Conv1D``, whose weight is stored (in, out)) with a sparse weight."""
+
+    counts_once_without_inputs = True
 
     def __init__(self, layer: nn.Module, kernel: str, blocksize=None):
         transposed = type(layer).__name__ == "Conv1D"
