@@ -135,7 +135,9 @@ def conv_table(rounds: int) -> list[str]:
         for batch in (1, 8):
             x = torch.randn(batch, channels_in, side, side)
             with torch.no_grad():
-                seconds = interleaved_seconds({"dense": lambda: conv(x), "csr": lambda: sparse(x)}, rounds)
+                seconds = interleaved_seconds(
+                    {"dense": lambda c=conv, x=x: c(x), "csr": lambda c=sparse, x=x: c(x)}, rounds
+                )
             lines.append(
                 f"| {channels_in}→{channels_out} {kernel}×{kernel} | {side}×{side} | {batch} | "
                 f"{seconds['dense'] * 1e3:.3f} | ×{seconds['dense'] / seconds['csr']:.2f} |"
