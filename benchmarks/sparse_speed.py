@@ -78,17 +78,20 @@ def pruned(build, sparsity: float, seed: int = 0) -> nn.Module:
     return model
 
 
-def run_point(build, features: int, sparsity: float, batch: int, rounds: int) -> dict:
+CLOCK = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def run_point(build, features: int, sparsity: float, batch: int, rounds: int, clock=time.perf_counter) -> dict:
     model = pruned(build, sparsity)
     x = torch.randn(batch, features)
-    fast = pk.to_sparse(model, example_inputs=x)
+    fast = pk.to_sparse(model, example_inputs=x, clock=clock)
     peer = torch_csr(model)
     with torch.no_grad():
         assert torch.allclose(fast(x), model(x), rtol=1e-4, atol=1e-4)
         assert torch.allclose(peer(x), model(x), rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         calls = {"dense": lambda: model(x), "pk": lambda: fast(x), "torch_csr": lambda: peer(x)}
-        times = interleaved_times(calls, rounds)
+        times = interleaved_times(calls, rounds, clock=clock)
     kernels = [c.kernel for c in fast.prunekit_sparse.layers.values()]
     seconds = {name: statistics.median(values) for name, values in times.items()}
     best = {name: min(values) for name, values in times.items()}
@@ -158,14 +161,21 @@ def _layouts(weight, csr64, csr32, bias, x, rounds) -> dict[str, float]:
 
 
 def plot(results: dict, path) -> None:
+    """One row of panels per configuration, one column per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), sharey=True)
+    columns = len(MODELS)
+    figure, grid = plt.subplots(len(results), columns, figsize=(6 * columns, 4.2 * len(results)), sharey=True)
     colors = {1: "tab:blue", 16: "tab:orange", 64: "tab:green"}
-    for axis, (name, points) in zip(axes, results.items()):
+    panels = [
+        (grid[row][column], f"{model}\n{label}", results[label][model])
+        for row, label in enumerate(results)
+        for column, model in enumerate(MODELS)
+    ]
+    for axis, name, points in panels:
         for batch in BATCHES:
             rows = sorted((s, p) for (s, b), p in points.items() if b == batch)
             sparsities = [100 * s for s, _ in rows]
@@ -179,63 +189,43 @@ def plot(results: dict, path) -> None:
         axis.set_title(name)
         axis.set_xlabel("sparsity (%)")
         axis.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("speed-up over dense (×, log scale)")
-    axes[-1].legend(fontsize=7)
+    for row in grid:
+        row[0].set_ylabel("speed-up over dense (×, log scale)")
+    grid[0][-1].legend(fontsize=7)
     figure.suptitle("CPU inference speed-up from sparsity (shared 2-core machine, medians of interleaved runs)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="90%% sparsity only, 15 rounds")
-    parser.add_argument("--rounds", type=int, default=41, help="interleaved rounds per point (median counts)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rounds = 15 if args.quick else args.rounds
-    sparsities = (0.9,) if args.quick else SPARSITIES
-    load_before = os.getloadavg()
-    started = time.perf_counter()
-    results: dict[str, dict] = {}
-    for name, (build, features) in MODELS.items():
-        results[name] = {}
-        for sparsity in sparsities:
-            for batch in BATCHES:
-                point = run_point(build, features, sparsity, batch, rounds)
-                results[name][(sparsity, batch)] = point
-                s = point["seconds"]
-                print(
-                    f"{name} {sparsity:.0%} batch {batch}: dense {s['dense'] * 1e3:.3f} ms, "
-                    f"pk ×{s['dense'] / s['pk']:.2f}, torch CSR ×{s['dense'] / s['torch_csr']:.2f}",
-                    flush=True,
-                )
-    layouts = layout_table(rounds)
-    convs = conv_table(rounds)
-    seconds = time.perf_counter() - started
-    name = "sparse_speed" + ("_quick" if args.quick else "") + (f"_{args.threads}threads" if args.threads else "")
-    command = " ".join(["python benchmarks/sparse_speed.py", *(argv if argv is not None else sys.argv[1:])])
+#: (label, threads, clock name): torch's default thread count on the wall clock, then one thread timed by
+#: its own CPU time (what the kernels cost without the other processes' share of a busy machine).
+CONFIGS = (("default threads, wall time", None, "wall"), ("1 thread, CPU time of that thread", 1, "thread"))
+
+
+def sweep(sparsities, rounds: int, threads: int | None, clock: str) -> dict:
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads or default)
+    try:
+        results: dict[str, dict] = {}
+        for name, (build, features) in MODELS.items():
+            results[name] = {}
+            for sparsity in sparsities:
+                for batch in BATCHES:
+                    point = run_point(build, features, sparsity, batch, rounds, CLOCK[clock])
+                    results[name][(sparsity, batch)] = point
+                    s = point["seconds"]
+                    print(
+                        f"[{threads or default} threads, {clock}] {name} {sparsity:.0%} batch {batch}: dense "
+                        f"{s['dense'] * 1e3:.3f} ms, pk ×{s['dense'] / s['pk']:.2f}, torch CSR ×{s['dense'] / s['torch_csr']:.2f}",
+                        flush=True,
+                    )
+        return results
+    finally:
+        torch.set_num_threads(default)
+
+
+def table(results: dict) -> list[str]:
     lines = [
-        "# Sparse execution on CPU: pk.to_sparse vs dense vs torch's CSR",
-        "",
-        f"Command: `{command.strip()}` ({seconds:.0f} s). "
-        f"Date {_common.today()}. Machine: {_common.machine()}; prunekit {pk.__version__}.",
-        "",
-        f"The machine is **shared** with other sessions (load average {load_before[0]:.2f} at the start, "
-        f"{os.getloadavg()[0]:.2f} at the end): every figure is the median of {rounds} rounds in which the dense "
-        "model, the pk.to_sparse model and the peer run in turn (each ~1 ms of repeated passes, or one pass if "
-        "longer, per round), so drift hits all three alike; short runs mostly fit in one scheduler time slice "
-        "(with 20 ms runs, two identical models measured up to 3× apart here). Speed-up = dense seconds / seconds (×, higher is faster).",
-        "",
-        "Models: random weights, magnitude-pruned per layer (`granularity='weight', scope='local'`). pk.to_sparse "
-        "runs with `kernel='auto'` and the example batch of the row; its kernels are listed per layer "
-        "(csr = CSR int32, dense = kept dense because no sparse kernel was faster). Peer: torch alone, "
-        "`F.linear(x, weight.to_sparse_csr(), bias)` (int64 indices), as a user would write it.",
-        "",
-        "Columns: medians; in brackets, the ratio of the fastest round of each (the uncontended time, a check on "
-        "the medians when the machine is busy).",
-        "",
         "| model | sparsity | batch | dense ms | pk.to_sparse ms | pk × | torch CSR ms | torch CSR × | pk kernels |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -247,9 +237,47 @@ def main(argv=None) -> None:
                 f"**×{s['dense'] / s['pk']:.2f}** (×{b['dense'] / b['pk']:.2f}) | {s['torch_csr'] * 1e3:.3f} | "
                 f"×{s['dense'] / s['torch_csr']:.2f} (×{b['dense'] / b['torch_csr']:.2f}) | {' '.join(point['kernels'])} |"
             )
-    lines += [
+    return lines
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="90%% sparsity only, 15 rounds")
+    parser.add_argument("--rounds", type=int, default=41, help="interleaved rounds per point (median counts)")
+    args = parser.parse_args(argv)
+    rounds = 15 if args.quick else args.rounds
+    sparsities = (0.9,) if args.quick else SPARSITIES
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    results = {label: sweep(sparsities, rounds, threads, clock) for label, threads, clock in CONFIGS}
+    layouts = layout_table(rounds)
+    convs = conv_table(rounds)
+    seconds = time.perf_counter() - started
+    name = "sparse_speed_quick" if args.quick else "sparse_speed"
+    command = " ".join(["python benchmarks/sparse_speed.py", *(argv if argv is not None else sys.argv[1:])])
+    lines = [
+        "# Sparse execution on CPU: pk.to_sparse vs dense vs torch's CSR",
         "",
-        "## Why: layout of the product (one layer, 90% unstructured, ratios to dense `F.linear`)",
+        f"Command: `{command.strip()}` ({seconds:.0f} s). "
+        f"Date {_common.today()}. Machine: {_common.machine()}; prunekit {pk.__version__}.",
+        "",
+        f"The machine is **shared** with other sessions (load average {load_before[0]:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end, on 2 cores): every figure is the median of {rounds} rounds in which "
+        "the dense model, the pk.to_sparse model and the peer run in turn (each ~1 ms of repeated passes, or one "
+        "pass if longer, per round), so drift hits all three alike; short runs mostly fit in one scheduler time "
+        "slice (with 20 ms runs, two identical models measured up to 3× apart here). In brackets: the ratio of "
+        "the fastest rounds, a check on the medians. Speed-up = dense seconds / seconds (×, higher is faster).",
+        "",
+        "Models: random weights, magnitude-pruned per layer (`granularity='weight', scope='local'`). pk.to_sparse "
+        "runs with `kernel='auto'` at the example batch of the row (and the same clock as its table); its kernels "
+        "are listed per layer (csr = CSR int32, dense = kept dense because no sparse kernel was faster). "
+        "Peer: torch alone, `F.linear(x, weight.to_sparse_csr(), bias)` (int64 indices), as a user would write it.",
+        "",
+    ]
+    for label, threads, _ in CONFIGS:
+        lines += [f"## {label} ({threads or torch.get_num_threads()} threads)", "", *table(results[label]), ""]
+    lines += [
+        "## Why: layout of the product (one layer, 90% unstructured, ratios to dense `F.linear`, default threads)",
         "",
         "torch's CPU CSR kernels are fast for a sparse matrix on the *left* of a dense one: pk computes "
         "`(W_sparse @ xᵀ)ᵀ` (then makes it contiguous, included in the timing) instead of `x @ W_sparseᵀ`, "
@@ -257,7 +285,7 @@ def main(argv=None) -> None:
         "",
         *layouts,
         "",
-        "## Conv2d as a sparse matrix product (90% unstructured, one layer)",
+        "## Conv2d as a sparse matrix product (90% unstructured, one layer, default threads)",
         "",
         "The unfolded patches (`F.unfold`, kernel² × the input) and the layout copies cost memory traffic, so "
         "`kernel='auto'` keeps most convolutions dense; it measures each one.",

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +138,7 @@ def to_sparse(
     inplace: bool = False,
     min_gain: float = 1.05,
     rounds: int = 21,
+    clock: Callable[[], float] = time.perf_counter,
     check: bool = True,
     tolerance: float = 1e-4,
 ) -> nn.Module:
@@ -155,6 +157,8 @@ def to_sparse(
             layers to leave dense, e.g. layers whose ``.weight`` the model reads directly.
         inplace: swap the layers of ``model`` itself instead of a deep copy.
         rounds: rounds of interleaved timing per layer (the median counts).
+        clock: the timer, ``time.perf_counter`` (wall time); on a machine busy with other work and with
+            ``torch.set_num_threads(1)``, ``time.thread_time`` counts only this thread's compute.
         check: run both models on ``example_inputs`` and raise if an output differs by more than
             ``tolerance`` × the largest absolute output.
 
@@ -171,6 +175,8 @@ def to_sparse(
         raise ValueError(f"min_gain must be a positive ratio (1.05 = 5% faster), got {min_gain!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    if not callable(clock):
+        raise TypeError(f"clock must be a function returning seconds, such as time.perf_counter, got {clock!r}")
     if isinstance(exclude, str):
         exclude = (exclude,)
     exclude = tuple(exclude)
@@ -199,7 +205,7 @@ def to_sparse(
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
                 report.layers[name] = Choice(name, "dense", reason="excluded")
                 continue
-            module, choice = _decide(name, layer, inputs.get(name), kernel, min_gain, rounds)
+            module, choice = _decide(name, layer, inputs.get(name), kernel, min_gain, rounds, clock)
             report.layers[name] = choice
             if module is not None:
                 originals[name] = layer
@@ -215,7 +221,7 @@ def to_sparse(
                     ) from error
                 _check_outputs(reference, result, tolerance)
         if kernel == "auto" and originals:
-            report.seconds = _model_seconds(target, originals, example_inputs, rounds)
+            report.seconds = _model_seconds(target, originals, example_inputs, rounds, clock)
             if report.gain is not None and report.gain < min_gain:
                 warnings.warn(
                     f"the whole model ran at ×{report.gain:.2f} the dense speed with sparse layers (below "
@@ -238,7 +244,7 @@ def to_sparse(
     return target
 
 
-def _model_seconds(model: nn.Module, originals: dict[str, nn.Module], example_inputs: Any, rounds: int) -> dict:
+def _model_seconds(model: nn.Module, originals: dict[str, nn.Module], example_inputs: Any, rounds: int, clock) -> dict:
     """Median seconds per pass of the whole model, dense and sparse, interleaved: the layers are swapped
     before each timed run (a few attribute writes, negligible beside a pass)."""
     swapped = {name: model.get_submodule(name) for name in originals}
@@ -250,14 +256,16 @@ def _model_seconds(model: nn.Module, originals: dict[str, nn.Module], example_in
 
     try:
         with torch.no_grad():
-            return interleaved_seconds({"dense": lambda: run(originals), "sparse": lambda: run(swapped)}, rounds)
+            return interleaved_seconds(
+                {"dense": lambda: run(originals), "sparse": lambda: run(swapped)}, rounds, clock=clock
+            )
     finally:
         for name, layer in swapped.items():
             _set_submodule(model, name, layer)
 
 
 def _decide(
-    name: str, layer: nn.Module, inputs: torch.Tensor | None, kernel: str, min_gain: float, rounds: int
+    name: str, layer: nn.Module, inputs: torch.Tensor | None, kernel: str, min_gain: float, rounds: int, clock
 ) -> tuple[SparseLayer | None, Choice]:
     reason = unsupported(layer)
     if reason is not None:
@@ -270,7 +278,7 @@ def _decide(
     if kernel == "auto":
         if not bool((weight_matrix(layer) == 0).any()):
             return None, Choice(name, "dense", batch=batch, reason="no zero weights")
-        return choose(name, layer, inputs, rounds=rounds, min_gain=min_gain)
+        return choose(name, layer, inputs, rounds=rounds, min_gain=min_gain, clock=clock)
     allowed = candidates(layer)
     if kernel not in allowed:
         why = {"bsr": "its non-zeros do not fill tiles", "semi": "not a 2:4 weight on CUDA"}.get(kernel, "")

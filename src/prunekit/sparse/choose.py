@@ -121,14 +121,21 @@ def candidates(layer: nn.Module) -> dict[str, tuple[int, int] | None]:
 
 
 def interleaved_seconds(
-    calls: dict[str, Callable[[], object]], rounds: int = 21, min_seconds: float = 0.001
+    calls: dict[str, Callable[[], object]],
+    rounds: int = 21,
+    min_seconds: float = 0.001,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median seconds per call of each function over the rounds of :func:`interleaved_times`."""
-    return {name: statistics.median(values) for name, values in interleaved_times(calls, rounds, min_seconds).items()}
+    times = interleaved_times(calls, rounds, min_seconds, clock)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def interleaved_times(
-    calls: dict[str, Callable[[], object]], rounds: int = 21, min_seconds: float = 0.001
+    calls: dict[str, Callable[[], object]],
+    rounds: int = 21,
+    min_seconds: float = 0.001,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, one value per round: two warm-up calls each, then ``rounds``
     rounds in which every function runs in turn, each enough times in a row to take about ``min_seconds``.
@@ -136,24 +143,26 @@ def interleaved_times(
     Many short runs rather than a few long ones: on a CPU shared with other processes a run of about a
     millisecond mostly fits in one scheduler time slice, so the median is the uncontended time, while
     runs of tens of milliseconds are cut by preemption at random and two identical models can measure
-    several times apart."""
+    several times apart. ``clock``: ``time.perf_counter`` (wall time), or ``time.thread_time`` to count
+    only the CPU time of the calling thread (with ``torch.set_num_threads(1)``, the compute time without
+    the time other processes took)."""
     repeats = {}
     for name, call in calls.items():
         call()
         _synchronize()
-        start = time.perf_counter()
+        start = clock()
         call()
         _synchronize()
-        once = max(time.perf_counter() - start, 1e-7)
+        once = max(clock() - start, 1e-7)
         repeats[name] = max(1, min(1000, round(min_seconds / once)))
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            start = time.perf_counter()
+            start = clock()
             for _ in range(repeats[name]):
                 call()
             _synchronize()
-            times[name].append((time.perf_counter() - start) / repeats[name])
+            times[name].append((clock() - start) / repeats[name])
     return times
 
 
@@ -171,7 +180,13 @@ def _close(reference: torch.Tensor, result: torch.Tensor) -> bool:
 
 
 def choose(
-    name: str, layer: nn.Module, inputs: torch.Tensor, *, rounds: int = 21, min_gain: float = 1.05
+    name: str,
+    layer: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    rounds: int = 21,
+    min_gain: float = 1.05,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[SparseLayer | None, Choice]:
     """Measure ``layer`` against each of its :func:`candidates` on ``inputs`` (its input in the example
     batch) and return the fastest sparse module with its :class:`Choice`, or ``(None, choice)`` when dense
@@ -193,7 +208,7 @@ def choose(
             return None, Choice(name, "dense", batch=batch, reason="no sparse kernel gives the dense output")
         calls = {"dense": lambda: layer(inputs)}
         calls.update({kernel: (lambda m=module: m(inputs)) for kernel, module in built.items()})
-        seconds = interleaved_seconds(calls, rounds)
+        seconds = interleaved_seconds(calls, rounds, clock=clock)
     best = min(built, key=seconds.get)
     gain = seconds["dense"] / seconds[best]
     if gain < min_gain:
