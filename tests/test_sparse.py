@@ -5,6 +5,7 @@ model unchanged. Kernels are forced (no test depends on timing); "auto" is check
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -173,7 +174,7 @@ def test_to_sparse_forced_csr_model_equals_and_to_dense_restores():
 def test_auto_keeps_outputs_whatever_it_chooses():
     model = _mlp()
     x = torch.randn(16, 20)
-    fast = pk.to_sparse(model, x, rounds=2)
+    fast = pk.to_sparse(model, x, rounds=2, clock=time.thread_time)
     report = fast.prunekit_sparse
     assert set(report.layers) == {"0", "2", "4"} and report.batch == 16
     assert all(choice.kernel in ("csr", "bsr", "dense") for choice in report.layers.values())
@@ -323,6 +324,10 @@ def test_bad_options_raise_and_leave_the_model_unchanged():
         pk.to_sparse(model, x, rounds=0, inplace=True)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         pk.to_sparse("model", x)
+    with pytest.raises(TypeError, match="clock"):
+        pk.to_sparse(model, x, clock=1.0, inplace=True)
+    with pytest.raises(TypeError, match="exclude"):
+        pk.to_sparse(model, x, exclude=[0], inplace=True)
     fast = pk.to_sparse(model, x, kernel="csr")
     with pytest.raises(ValueError, match="already has sparse layers"):
         pk.to_sparse(fast, x)
