@@ -278,7 +278,8 @@ def main(argv=None) -> None:
         "",
         "Models: random weights, magnitude-pruned per layer (`granularity='weight', scope='local'`). pk.to_sparse "
         "runs with `kernel='auto'` at the example batch of the row (and the same clock as its table); its kernels "
-        "are listed per layer (csr = CSR int32, dense = kept dense because no sparse kernel was faster). "
+        "are listed per layer (csr = CSR int32 as (W @ xᵀ)ᵀ, csr-linear = the same matrix as F.linear(x, W), dense = kept "
+        "dense because no sparse kernel was faster). "
         "Peer: torch alone, `F.linear(x, weight.to_sparse_csr(), bias)` (int64 indices), as a user would write it.",
         "",
     ]

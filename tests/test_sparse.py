@@ -55,6 +55,7 @@ def test_csr_linear_equals_dense(rows, cols, batch, tokens, bias, density, seed)
     sparse = SparseLinear(layer, "csr")
     with torch.no_grad():
         _close(layer(x), sparse(x))
+        _close(layer(x), SparseLinear(layer, "csr-linear")(x))
     dense = sparse.to_dense()
     assert type(dense) is nn.Linear and torch.equal(dense.weight, layer.weight)
     assert (dense.bias is None) == (not bias) and (not bias or torch.equal(dense.bias, layer.bias))
@@ -177,7 +178,7 @@ def test_auto_keeps_outputs_whatever_it_chooses():
     fast = pk.to_sparse(model, x, rounds=2, clock=time.thread_time)
     report = fast.prunekit_sparse
     assert set(report.layers) == {"0", "2", "4"} and report.batch == 16
-    assert all(choice.kernel in ("csr", "bsr", "dense") for choice in report.layers.values())
+    assert all(choice.kernel in ("csr", "csr-linear", "bsr", "dense") for choice in report.layers.values())
     with torch.no_grad():
         _close(model(x), fast(x))
 
@@ -261,6 +262,15 @@ def test_is_two_four():
     weight[0, 1] = 5.0
     assert not is_two_four(weight)
     assert not is_two_four(torch.zeros(2, 6))  # 6 inputs do not split into runs of 4
+
+
+def test_csr_linear_is_for_linear_layers():
+    model = _cnn()
+    fast = pk.to_sparse(model, torch.randn(2, 3, 6, 6), kernel="csr-linear")
+    assert type(fast[0]) is nn.Conv2d and "Linear and Conv1D layers only" in fast.prunekit_sparse.layers["0"].reason
+    assert type(fast[6]) is SparseLinear and fast[6].kernel == "csr-linear"
+    with pytest.raises(ValueError, match="for Linear layers"):
+        SparseConv2d(model[0], "csr-linear")
 
 
 def test_forced_bsr_on_unstructured_weights_stays_dense_with_reason():

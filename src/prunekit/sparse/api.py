@@ -27,7 +27,7 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
     return model(example_inputs)
 
 
-KERNEL_CHOICES = ("auto", "csr", "bsr", "semi", "dense")
+KERNEL_CHOICES = ("auto", "csr", "csr-linear", "bsr", "semi", "dense")
 
 
 @dataclass
@@ -150,7 +150,7 @@ def to_sparse(
         example_inputs: a tensor, tuple or dict the model accepts, at the batch size it will run at: each
             layer is measured on its own input from this batch.
         kernel: ``"auto"`` (measure dense and every kernel the weight allows, keep the fastest; a sparse
-            kernel must beat dense by ``min_gain``, a ratio), or force one: ``"csr"`` (every eligible layer),
+            kernel must beat dense by ``min_gain``, a ratio), or force one: ``"csr"`` (every eligible layer), ``"csr-linear"`` (Linear/Conv1D only),
             ``"bsr"`` (layers whose non-zeros fill tiles, see :func:`~prunekit.sparse.choose.block_size`),
             ``"semi"`` (2:4 layers on CUDA), ``"dense"`` (none).
         exclude: module names or ``fnmatch`` patterns (``"classifier"``, ``"encoder.layer.*.output.dense"``) of
@@ -281,7 +281,11 @@ def _decide(
         return choose(name, layer, inputs, rounds=rounds, min_gain=min_gain, clock=clock)
     allowed = candidates(layer)
     if kernel not in allowed:
-        why = {"bsr": "its non-zeros do not fill tiles", "semi": "not a 2:4 weight on CUDA"}.get(kernel, "")
+        why = {
+            "bsr": "its non-zeros do not fill tiles",
+            "semi": "not a 2:4 weight on CUDA",
+            "csr-linear": "Linear and Conv1D layers only",
+        }.get(kernel, "")
         return None, Choice(name, "dense", batch=batch, reason=f"{kernel} does not fit: {why}")
     module = build(layer, kernel, allowed[kernel])
     module.measured_batch = batch

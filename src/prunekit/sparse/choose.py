@@ -29,7 +29,7 @@ MIN_TILE_FILL = 0.75
 class Choice:
     """What :func:`prunekit.to_sparse` decided for one layer.
 
-    ``kernel``: ``"csr"``, ``"bsr"``, ``"semi"`` or ``"dense"`` (the layer stays as it was).
+    ``kernel``: ``"csr"``, ``"csr-linear"``, ``"bsr"``, ``"semi"`` or ``"dense"`` (the layer stays as it was).
     ``seconds``: median seconds per call of each form measured (``{}`` when the kernel was forced).
     ``gain``: dense seconds / chosen seconds (1.0 for dense, ``None`` when not measured).
     ``batch``: the leading size of the example input it was measured at. ``reason``: why dense, if it is.
@@ -108,10 +108,13 @@ def build(layer: nn.Module, kernel: str, blocksize: tuple[int, int] | None = Non
 
 
 def candidates(layer: nn.Module) -> dict[str, tuple[int, int] | None]:
-    """The sparse kernels ``layer``'s weight allows here: ``{kernel: blocksize}``. CSR always; BSR when the
+    """The sparse kernels ``layer``'s weight allows here: ``{kernel: blocksize}``. CSR always (and for a
+    Linear/Conv1D CSR multiplied as ``F.linear``); BSR when the
     weight is block-structured; 2:4 semi-structured on CUDA for a 2:4 weight in a dtype torch supports."""
     matrix = weight_matrix(layer)
     found: dict[str, tuple[int, int] | None] = {"csr": None}
+    if not isinstance(layer, nn.Conv2d):
+        found["csr-linear"] = None
     tiles = block_size(matrix)
     if tiles is not None:
         found["bsr"] = tiles

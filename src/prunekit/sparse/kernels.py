@@ -7,6 +7,8 @@ im2col). The weight is kept in one of these forms:
 
 - ``"csr"``: compressed sparse rows with 32-bit indices (torch's kernels run faster with int32 than
   with the int64 that ``Tensor.to_sparse_csr()`` gives);
+- ``"csr-linear"``: the same CSR matrix, multiplied as ``F.linear(x, W_csr)`` (Linear layers only; at
+  batch 1 it can beat the transposed product below);
 - ``"bsr"``: block sparse rows, for weights whose non-zeros fill whole ``h×w`` tiles (``pk.Block``);
 - ``"semi"`` (CUDA only): torch's 2:4 semi-structured format for ``pk.NM(2, 4)`` weights.
 
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KERNELS = ("csr", "bsr", "semi")
+KERNELS = ("csr", "csr-linear", "bsr", "semi")
 
 _WARNING_FILTERS = (
     "Sparse CSR tensor support is in beta state",
@@ -51,7 +53,7 @@ def to_sparse_matrix(matrix: torch.Tensor, kernel: str, blocksize: tuple[int, in
     semi-structured. ``blocksize`` (rows, columns) is required for ``"bsr"`` and must divide the shape."""
     catcher = _quiet()
     try:
-        if kernel == "csr":
+        if kernel in ("csr", "csr-linear"):
             csr = matrix.detach().to_sparse_csr()
             return torch.sparse_csr_tensor(
                 csr.crow_indices().to(torch.int32),
@@ -89,7 +91,7 @@ def _dense_matrix(sparse: torch.Tensor) -> torch.Tensor:
 
 
 def _clone_sparse(sparse: torch.Tensor, kernel: str, blocksize, dense_matrix) -> torch.Tensor:
-    if kernel == "csr":
+    if kernel in ("csr", "csr-linear"):
         parts = sparse.crow_indices(), sparse.col_indices(), sparse.values()
         return torch.sparse_csr_tensor(*(p.clone() for p in parts), sparse.shape, check_invariants=False)
     if kernel == "bsr":
@@ -239,7 +241,7 @@ class SparseLayer(nn.Module):
     # -- the product --------------------------------------------------------------------------------------
     def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows @ Wᵀ + b`` for a 2-D ``rows`` (N, in): (N, out), contiguous."""
-        if self.kernel == "semi":
+        if self.kernel in ("semi", "csr-linear"):
             return F.linear(rows, self.weight_sparse, self.bias)
         if self.bias is None:
             product = torch.mm(self.weight_sparse, rows.t())
@@ -300,7 +302,9 @@ class SparseConv2d(SparseLayer):
     ``(out, in·kh·kw)`` times the unfolded input patches (a 1×1 convolution, stride 1, needs no unfold)."""
 
     def __init__(self, layer: nn.Conv2d, kernel: str, blocksize=None):
-        reason = conv2d_supported(layer)
+        reason = conv2d_supported(layer) or (
+            "kernel 'csr-linear' is for Linear layers" if kernel == "csr-linear" else None
+        )
         if reason is not None:
             raise ValueError(f"cannot run this Conv2d sparse: {reason}")
         matrix = layer.weight.detach().reshape(layer.out_channels, -1)
