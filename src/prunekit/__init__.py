@@ -20,6 +20,7 @@ from .criteria import Criterion, Custom, Gradient, L2Magnitude, Magnitude, Movem
 from .granularity import NM, Block, Granularity
 from .hf import from_pretrained
 from .masks import masked_parameters
+from .oneshot import perplexity
 from .pruner import Pruner, prune
 from .schedules import Gradual, Iterative, OneShot, Schedule, epochs_to_steps
 from .structure import ChannelDependencies, UnsupportedOperationError, trace_dependencies
@@ -59,6 +60,7 @@ __all__ = [
     "fhe",
     "from_pretrained",
     "masked_parameters",
+    "perplexity",
     "prune",
     "summary",
 ]

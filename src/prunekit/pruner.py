@@ -877,6 +877,16 @@ def prune(model: nn.Module, sparsity: float | None = None, **options: Any) -> Pr
     """
     if "schedule" in options:
         raise TypeError("pk.prune prunes once, now; for a schedule use pk.Pruner(..., schedule=...)")
+    # ---- calibrated one-shot pruning (issue 11: Wanda, SparseGPT, OWL), delegated to prunekit.oneshot ----
+    from .oneshot import api as oneshot
+
+    if oneshot.wants_calibration(options):
+        plan = oneshot.plan_calibrated(model, sparsity, **options)  # validates everything, touches nothing
+        pruner = Pruner(model, **oneshot.pruner_options(plan, options))  # adopts the masks stored below
+        pruner.calibration_report = oneshot.run_calibrated(plan)
+        pruner._last_event = 0  # the one-shot event has happened: step() must not prune again
+        return pruner
+    # ---- end of calibrated one-shot pruning ----
     pruner = Pruner(model, sparsity, **options)
     try:
         pruner.prune()

@@ -1,0 +1,492 @@
+"""One entry for data-aware one-shot pruning: :func:`prune_with_calibration` (``pk.prune`` calls it when
+``calibration`` is given, the criterion is ``"wanda"``/``"sparsegpt"``, or ``layer_sparsity="owl"``).
+
+Everything is validated first (:func:`plan_calibrated`, which touches nothing); then the blocks are pruned
+one at a time from their own inputs (:func:`run_calibrated`, see :mod:`prunekit.oneshot.blocks`). Only the
+Linear layers inside the blocks are pruned (embeddings, the LM head and pooler/classifier stay dense,
+as in the SparseGPT and Wanda papers); the result lists the layers left out.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import masks as mask_store
+from ..criteria import Criterion
+from ..granularity import NM, Granularity, Weight, get_granularity
+from ..targets import LayerSelector, Target, check_sparsity, find_targets, is_hf_conv1d, resolve_layer_sparsity
+from .blocks import block_device, find_blocks, next_inputs, run_block
+from .calibration import CalibrationError, LinearStats, capture_inputs, read_batches
+from .owl import SPREAD, outlier_count, owl_sparsities
+from .rows import keep_per_row
+from .sparsegpt import sparsegpt_prune
+from .wanda import Wanda, wanda_keep, wanda_scores
+
+CRITERIA = ("wanda", "sparsegpt", "magnitude")
+DATA_AWARE = ("wanda", "sparsegpt")
+OFFLOAD = ("auto", True, False)
+#: Options of pk.prune that calibrated pruning cannot honour, with the value that means "not used".
+_UNUSED_OPTIONS = {
+    "scope": "local",
+    "coupled": True,
+    "prune_outputs": False,
+    "round_to": 1,
+    "max_layer_sparsity": 1.0,
+    "sparsity_in": "channels",
+    "prune_only": None,
+    "data": None,
+    "loss_fn": None,
+    "seed": 0,
+    "max_fan_in": None,
+}
+#: Options passed on untouched to the pk.Pruner that holds the masks afterwards.
+PRUNER_OPTIONS = ("example_inputs", "optimizer", "mask_gradients")
+
+
+@dataclass
+class OneShotPlan:
+    """A validated calibrated pruning job (nothing is touched until :func:`run_calibrated`)."""
+
+    model: nn.Module
+    criterion: str
+    sparsity: float
+    granularity: Granularity
+    batches: list[Any]
+    stacks: list[tuple[str, nn.ModuleList]]
+    block_targets: list[list[list[Target]]]  # [stack][block] -> the targets pruned in that block
+    overrides: dict[str, float]
+    owl: bool
+    min_kept: int
+    storage: str | None
+    progress: bool
+    left_out: list[str]
+    wanda: Wanda | None = None
+
+    @property
+    def targets(self) -> list[Target]:
+        return [t for stack in self.block_targets for block in stack for t in block]
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return (self.granularity.n, self.granularity.m) if isinstance(self.granularity, NM) else None
+
+
+@dataclass
+class OneShotResult:
+    """What :func:`run_calibrated` did: per layer, the sparsity asked for and reached (fractions)."""
+
+    criterion: str
+    granularity: str
+    blocks: list[str]
+    target_sparsity: dict[str, float] = field(default_factory=dict)
+    sparsity: dict[str, float] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)
+    batches: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    #: Fraction of the pruned layers' weights that are masked, over all of them.
+    overall_sparsity: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.criterion} ({self.granularity}) on {len(self.sparsity)} layers in {len(self.blocks)} blocks, "
+            f"{self.batches} calibration batches ({self.tokens} tokens per layer), {self.seconds:.1f} s; "
+            f"sparsity {self.overall_sparsity:.4f}"
+        ]
+        if self.left_out:
+            lines.append(f"left dense (outside the blocks): {', '.join(self.left_out)}")
+        return "\n".join(lines)
+
+
+def _criterion_name(criterion: Any) -> str:
+    if isinstance(criterion, Wanda):
+        return "wanda"
+    if isinstance(criterion, str) and criterion in CRITERIA:
+        return criterion
+    if isinstance(criterion, Criterion) and criterion.name == "magnitude":
+        return "magnitude"
+    raise ValueError(
+        f"criterion {criterion!r} cannot be used with calibration data; calibrated one-shot pruning takes "
+        f"{', '.join(map(repr, CRITERIA))}"
+    )
+
+
+def wants_calibration(options: Mapping[str, Any]) -> bool:
+    """True when ``pk.prune(**options)`` asks for calibrated unstructured or N:M pruning."""
+    granularity = options.get("granularity", "weight")
+    if not (granularity == "weight" or isinstance(granularity, (Weight, NM))):
+        return False  # structured pruning from calibration data is handled elsewhere
+    criterion = options.get("criterion")
+    named = criterion if isinstance(criterion, str) else getattr(criterion, "name", None)
+    return options.get("calibration") is not None or named in DATA_AWARE or options.get("layer_sparsity") == "owl"
+
+
+def plan_calibrated(
+    model: nn.Module,
+    sparsity: float | None = None,
+    *,
+    criterion: str | Criterion = "wanda",
+    granularity: str | Granularity = "weight",
+    calibration: Iterable | None = None,
+    layer_sparsity: str | Mapping[str, float] | None = None,
+    include: LayerSelector | Iterable[LayerSelector] | None = None,
+    exclude: LayerSelector | Iterable[LayerSelector] | None = None,
+    min_kept: int = 1,
+    blocks: str | Sequence[str] | None = None,
+    offload: bool | str = "auto",
+    progress: bool = True,
+    **unused: Any,
+) -> OneShotPlan:
+    """Validate a calibrated pruning job and return its plan; the model is not touched.
+
+    The calibration iterable is read (once) last, after every other check has passed.
+    """
+    name = _criterion_name(criterion)
+    for option, value in unused.items():
+        if option not in _UNUSED_OPTIONS and option not in PRUNER_OPTIONS:
+            raise TypeError(f"pk.prune got an unexpected option {option!r}")
+        if option in _UNUSED_OPTIONS and value != _UNUSED_OPTIONS[option]:
+            raise ValueError(
+                f"option {option}={value!r} has no meaning in calibrated one-shot pruning (criterion={name!r}, "
+                "which prunes each layer inside the model's blocks from its calibration inputs); remove it"
+            )
+    owl = layer_sparsity == "owl"
+    if isinstance(layer_sparsity, str) and not owl:
+        raise ValueError(f"layer_sparsity takes 'owl' or a dict {{name pattern: sparsity}}, got {layer_sparsity!r}")
+    if calibration is None:
+        why = f"criterion={name!r}" if name in DATA_AWARE else "layer_sparsity='owl'"
+        if name in DATA_AWARE or owl:  # (magnitude without OWL is refused below)
+            raise ValueError(
+                f"{why} needs calibration data, and the argument calibration= is missing: pass an iterable of "
+                "batches the model accepts, e.g. calibration=[tokenizer(texts, return_tensors='pt', padding=True)]"
+            )
+    if name == "magnitude" and not owl:
+        if calibration is None:
+            raise ValueError(
+                "criterion='magnitude' reads no data: prune with pk.prune(model, sparsity, criterion='magnitude')"
+            )
+        raise ValueError(
+            "calibration has no meaning with criterion='magnitude' (it reads no data): use criterion='wanda' or "
+            "'sparsegpt', or layer_sparsity='owl', or drop calibration="
+        )
+    gran = get_granularity(granularity)
+    if not isinstance(gran, (Weight, NM)):
+        raise ValueError(
+            f"calibrated one-shot pruning here is unstructured (granularity='weight') or N:M (pk.NM(n, m)); "
+            f"got granularity={gran.name!r}"
+        )
+    if isinstance(gran, NM):
+        if sparsity is not None and abs(float(sparsity) - gran.sparsity) > 1e-9:
+            raise ValueError(f"{gran.name} fixes the sparsity at {gran.sparsity:g}; leave sparsity out")
+        if owl:
+            raise ValueError("layer_sparsity='owl' gives layers different sparsities, which N:M cannot have")
+        target = gran.sparsity
+    else:
+        if sparsity is None:
+            raise TypeError("sparsity is required: the fraction of weights to prune, e.g. sparsity=0.5")
+        target = check_sparsity(sparsity)
+        if owl and not SPREAD <= target <= 1 - SPREAD:
+            raise ValueError(
+                f"layer_sparsity='owl' spreads sparsities ±{SPREAD} around the target: use a sparsity in [{SPREAD}, {1 - SPREAD}]"
+            )
+    if isinstance(min_kept, bool) or not isinstance(min_kept, int) or min_kept < 0:
+        raise ValueError(f"min_kept must be a whole number of weights ≥ 0, got {min_kept!r}")
+    if offload not in OFFLOAD:
+        raise ValueError(f"offload takes 'auto', True or False, got {offload!r}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
+
+    targets = find_targets(model, include, exclude)
+    stacks = find_blocks(model, blocks)
+    owner = {}
+    for s, (_, stack) in enumerate(stacks):
+        for b, block in enumerate(stack):
+            for module in block.modules():
+                owner.setdefault(id(module), (s, b))
+    block_targets = [[[] for _ in stack] for _, stack in stacks]
+    left_out = []
+    for t in targets:
+        where = owner.get(id(t.module))
+        if where is None:
+            left_out.append(t.name)
+            continue
+        if not (isinstance(t.module, nn.Linear) or is_hf_conv1d(t.module)) or t.param_name != "weight":
+            raise ValueError(
+                f"layer {t.full_name!r} ({type(t.module).__name__}) inside the blocks is not a Linear layer; "
+                f"calibrated pruning handles Linear layers only: exclude it (exclude=[{t.name!r}])"
+            )
+        gran.validate(t)
+        block_targets[where[0]][where[1]].append(t)
+    pruned = [t for stack in block_targets for block in stack for t in block]
+    if not pruned:
+        raise ValueError(
+            f"no prunable Linear layer inside the blocks {', '.join(p for p, _ in stacks)}; check include/exclude"
+        )
+    if include is not None and left_out:
+        raise ValueError(
+            f"include selects layers outside the model's blocks ({', '.join(left_out[:5])}), which calibrated "
+            "pruning does not prune; name blocks= to cover them, or leave them out of include"
+        )
+    if owl:
+        overrides = {}
+    else:
+        overrides = resolve_layer_sparsity(pruned, layer_sparsity)
+        if isinstance(gran, NM) and any(v != 0.0 for v in overrides.values()):
+            raise ValueError("with pk.NM a layer_sparsity override can only be 0.0 (leave that layer dense)")
+    first = block_device(stacks[0][1][0])
+    storage = "cpu" if (offload is True or (offload == "auto" and first is not None and first.type != "cpu")) else None
+    batches = read_batches(calibration)
+    return OneShotPlan(
+        model=model,
+        criterion=name,
+        sparsity=target,
+        granularity=gran,
+        batches=batches,
+        stacks=stacks,
+        block_targets=block_targets,
+        overrides=overrides,
+        owl=owl,
+        min_kept=min_kept,
+        storage=storage,
+        progress=progress,
+        left_out=left_out,
+        wanda=(criterion if isinstance(criterion, Wanda) else Wanda()) if name == "wanda" else None,
+    )
+
+
+def pruner_options(plan: OneShotPlan, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Arguments for the :class:`prunekit.Pruner` that holds a calibrated job's masks: the same layers
+    (the pruned ones, named exactly), granularity and overrides; Wanda keeps its statistics as criterion."""
+    exact = {t.name: re.escape(t.name) for t in plan.targets}
+    return {
+        "sparsity": None if plan.nm else plan.sparsity,
+        "criterion": plan.wanda if plan.wanda is not None else "magnitude",
+        "granularity": plan.granularity,
+        "include": list(exact.values()),
+        "layer_sparsity": {exact[name]: value for name, value in plan.overrides.items()} or None,
+        "min_kept": plan.min_kept,
+        **{key: options[key] for key in PRUNER_OPTIONS if key in options},
+    }
+
+
+def _bar(total: int, enabled: bool, what: str):
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=what, unit="block", leave=False)
+        except ImportError:
+            pass
+    return None
+
+
+def _in_features(t: Target) -> int:
+    return t.oik_shape[1]
+
+
+def real_weight(module: nn.Module) -> torch.Tensor:
+    """The tensor holding ``module.weight``'s values, also when accelerate offloads it (then the module's
+    parameter is on ``meta`` and the values live in its hook's ``weights_map``); edits to it persist."""
+    weight = module.weight
+    if weight.device.type == "meta":
+        hook = getattr(module, "_hf_hook", None)
+        weights_map = getattr(hook, "weights_map", None)
+        if weights_map is None:
+            raise RuntimeError(
+                f"the weight of {type(module).__name__} is on the meta device and no offload map holds it"
+            )
+        return weights_map["weight"]
+    return weight.data
+
+
+def _out_in(t: Target, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.t() if is_hf_conv1d(t.module) else tensor
+
+
+def _layer_sparsity(plan: OneShotPlan, t: Target, block_sparsity: float) -> float:
+    sparsity = plan.overrides.get(t.name, block_sparsity)
+    numel = t.param.numel()
+    return min(sparsity, max(0.0, (numel - plan.min_kept) / numel))
+
+
+@torch.no_grad()
+def _prune_layer(plan: OneShotPlan, t: Target, stats: LinearStats, sparsity: float) -> torch.Tensor:
+    """Prune one Linear; return its keep-mask in the weight's own layout."""
+    real = real_weight(t.module)
+    weight = _out_in(t, real)
+    nm = plan.nm
+    if plan.criterion == "sparsegpt":
+        new, keep = sparsegpt_prune(weight, stats.hessian(), sparsity, nm, name=t.full_name)
+        weight.copy_(new.to(weight.device))
+    elif plan.criterion == "wanda":
+        keep = wanda_keep(weight, stats.sq_norms, sparsity, nm)
+        plan.wanda.stats[t.full_name] = stats.sq_norms.detach().cpu().clone()
+    else:  # magnitude, layer-wise
+        scores = weight.detach().abs().float()
+        if nm is not None:
+            from .rows import keep_n_of_m
+
+            keep = keep_n_of_m(scores, *nm)
+        else:
+            flat = keep_per_row(scores.reshape(1, -1), round(scores.numel() * sparsity))
+            keep = flat.view_as(scores)
+    keep = _out_in(t, keep.to(real.device)).contiguous()
+    mask_store.set_mask(t.module, "weight", keep.to(t.param.device) if t.param.device.type != "meta" else keep)
+    if t.param.device.type == "meta":
+        mask_store.zero_pruned(real, keep)
+    return keep
+
+
+def _collect(block: nn.Module, targets: list[Target], inputs, plan: OneShotPlan, *, hessian: bool) -> dict:
+    stats = {
+        t.full_name: LinearStats(t.module, _in_features(t), sq_norms=not hessian, hessian=hessian) for t in targets
+    }
+    try:
+        for index in range(len(inputs.args)):
+            for s in stats.values():
+                s.mask = inputs.masks[index]
+            run_block(block, inputs, index, plan.storage)
+    finally:
+        for s in stats.values():
+            s.remove()
+    return stats
+
+
+def _owl_block_sparsities(plan: OneShotPlan, bar) -> list[list[float]]:
+    """OWL pass over the dense model: each block's outlier ratio of Wanda scores, then its sparsity."""
+    ratios, sizes = [], []
+    for (_, stack), stack_targets in zip(plan.stacks, plan.block_targets):
+        inputs = capture_inputs(plan.model, stack[0], plan.batches, plan.storage)
+        for block, targets in zip(stack, stack_targets):
+            if targets:
+                stats = _collect(block, targets, inputs, plan, hessian=False)
+                outliers = total = 0
+                for t in targets:
+                    scores = wanda_scores(_out_in(t, real_weight(t.module)), stats[t.full_name].sq_norms)
+                    outliers += outlier_count(scores)
+                    total += scores.numel()
+                ratios.append(outliers / total)
+                sizes.append(total)
+            inputs = next_inputs(block, inputs, plan.storage)
+            if bar is not None:
+                bar.update(1)
+    spread = iter(owl_sparsities(ratios, sizes, plan.sparsity))
+    return [[next(spread) if targets else plan.sparsity for targets in stack] for stack in plan.block_targets]
+
+
+def run_calibrated(plan: OneShotPlan) -> OneShotResult:
+    """Prune the planned model block by block (sequentially) and store the masks on its layers."""
+    started = time.perf_counter()
+    model = plan.model
+    modes = {m: m.training for m in model.modules()}
+    result = OneShotResult(
+        plan.criterion, plan.granularity.name, [f"{p}.{i}" for p, s in plan.stacks for i in range(len(s))]
+    )
+    result.left_out = list(plan.left_out)
+    result.batches = len(plan.batches)
+    num_blocks = sum(len(s) for _, s in plan.stacks)
+    bar = _bar(num_blocks * (2 if plan.owl else 1), plan.progress, f"prunekit {plan.criterion}")
+    model.eval()
+    try:
+        if plan.owl:
+            block_sparsity = _owl_block_sparsities(plan, bar)
+        else:
+            block_sparsity = [[plan.sparsity] * len(s) for _, s in plan.stacks]
+        pruned = kept = 0
+        for s, (_, stack) in enumerate(plan.stacks):
+            inputs = capture_inputs(model, stack[0], plan.batches, plan.storage)
+            for b, block in enumerate(stack):
+                targets = plan.block_targets[s][b]
+                layer_sparsity = {t.full_name: _layer_sparsity(plan, t, block_sparsity[s][b]) for t in targets}
+                active = [t for t in targets if layer_sparsity[t.full_name] > 0.0]
+                if active:
+                    stats = _collect(block, active, inputs, plan, hessian=plan.criterion == "sparsegpt")
+                    for t in active:
+                        keep = _prune_layer(plan, t, stats[t.full_name], layer_sparsity[t.full_name])
+                        result.target_sparsity[t.full_name] = plan.sparsity if plan.nm else layer_sparsity[t.full_name]
+                        result.sparsity[t.full_name] = 1.0 - float(keep.float().mean())
+                        kept += int(keep.sum())
+                        pruned += keep.numel() - int(keep.sum())
+                        result.tokens = stats[t.full_name].tokens
+                    del stats
+                if b + 1 < len(stack):
+                    inputs = next_inputs(block, inputs, plan.storage)
+                if bar is not None:
+                    bar.update(1)
+            del inputs
+        result.overall_sparsity = pruned / max(pruned + kept, 1)
+    finally:
+        if bar is not None:
+            bar.close()
+        for module, mode in modes.items():
+            module.training = mode
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def prune_with_calibration(
+    model: nn.Module,
+    sparsity: float | None = None,
+    *,
+    criterion: str | Criterion = "wanda",
+    granularity: str | Granularity = "weight",
+    calibration: Iterable | None = None,
+    layer_sparsity: str | Mapping[str, float] | None = None,
+    include: LayerSelector | Iterable[LayerSelector] | None = None,
+    exclude: LayerSelector | Iterable[LayerSelector] | None = None,
+    min_kept: int = 1,
+    blocks: str | Sequence[str] | None = None,
+    offload: bool | str = "auto",
+    progress: bool = True,
+) -> OneShotResult:
+    """Prune ``model`` once from calibration data, block by block, and store the masks on its layers.
+
+    Args:
+        sparsity: fraction of each pruned layer's weights to remove, in [0, 1) (not needed with ``pk.NM``).
+        criterion: ``"wanda"`` (|W_ij|·‖X_j‖₂ per output row, Sun et al. 2023), ``"sparsegpt"`` (OBS
+            pruning with weight update, Frantar & Alistarh 2023) or ``"magnitude"`` (with OWL only).
+        granularity: ``"weight"`` (unstructured) or ``pk.NM(n, m)``.
+        calibration: an iterable of batches the model accepts (tensor, tuple or dict), read once.
+        layer_sparsity: ``"owl"`` (Yin et al. 2024: layer sparsities from outlier ratios, within ±0.08 of
+            ``sparsity``, total exact) or ``{name pattern: sparsity}`` overrides (0.0 leaves a layer dense).
+        include / exclude / min_kept: as for :class:`prunekit.Pruner` (min_kept: weights per layer).
+        blocks: path(s) of the ``nn.ModuleList`` of blocks, when they are not found automatically.
+        offload: keep the captured activations on the CPU (``"auto"``: when the model is on a GPU).
+        progress: show a progress bar over blocks (tqdm, when installed).
+
+    Raises ``ValueError``/``TypeError``/:class:`CalibrationError` before touching the model on bad input.
+    """
+    plan = plan_calibrated(
+        model,
+        sparsity,
+        criterion=criterion,
+        granularity=granularity,
+        calibration=calibration,
+        layer_sparsity=layer_sparsity,
+        include=include,
+        exclude=exclude,
+        min_kept=min_kept,
+        blocks=blocks,
+        offload=offload,
+        progress=progress,
+    )
+    return run_calibrated(plan)
+
+
+__all__ = [
+    "CalibrationError",
+    "OneShotPlan",
+    "OneShotResult",
+    "plan_calibrated",
+    "prune_with_calibration",
+    "pruner_options",
+    "run_calibrated",
+    "wants_calibration",
+]
