@@ -50,7 +50,8 @@ def _inverse_cholesky(hessian: torch.Tensor, damping: float, name: str) -> tuple
         RuntimeWarning,
         stacklevel=3,
     )
-    return torch.diag(damped.diagonal().rsqrt()), False
+    diagonal = torch.nan_to_num(hessian.diagonal().abs(), nan=1.0, posinf=1.0).clamp_min(1e-12)
+    return torch.diag(diagonal.rsqrt()), False
 
 
 def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
