@@ -225,14 +225,14 @@ def plan_calibrated(
         gran.validate(t)
         block_targets[where[0]][where[1]].append(t)
     pruned = [t for stack in block_targets for block in stack for t in block]
-    if not pruned:
-        raise ValueError(
-            f"no prunable Linear layer inside the blocks {', '.join(p for p, _ in stacks)}; check include/exclude"
-        )
     if include is not None and left_out:
         raise ValueError(
             f"include selects layers outside the model's blocks ({', '.join(left_out[:5])}), which calibrated "
             "pruning does not prune; name blocks= to cover them, or leave them out of include"
+        )
+    if not pruned:
+        raise ValueError(
+            f"no prunable Linear layer inside the blocks {', '.join(p for p, _ in stacks)}; check include/exclude"
         )
     if owl:
         overrides = {}
