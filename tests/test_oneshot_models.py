@@ -324,3 +324,69 @@ def test_accelerate_offloaded_model_is_pruned_like_the_plain_one():
     with torch.no_grad():
         ids = batches[0]["input_ids"]
         torch.testing.assert_close(offloaded(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def _more(kind):
+    torch.manual_seed(0)
+    ids = torch.randint(1, VOCAB, (2, 10))
+    text = {"input_ids": ids, "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+    if kind == "t5":
+        config = transformers.T5Config(
+            d_model=32,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            d_kv=8,
+            vocab_size=VOCAB,
+            decoder_start_token_id=0,
+        )
+        return transformers.T5ForConditionalGeneration(config), {**text, "decoder_input_ids": ids[:, :6]}
+    if kind == "opt":
+        config = transformers.OPTConfig(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            word_embed_proj_dim=32,
+            max_position_embeddings=32,
+        )
+        return transformers.OPTForCausalLM(config), text
+    if kind == "vit":
+        config = transformers.ViTConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=4,
+        )
+        return transformers.ViTModel(config), {"pixel_values": torch.randn(2, 3, 16, 16)}
+    model, _ = tiny(kind)
+    return model, text
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert", "opt", "t5", "vit"])
+def test_running_blocks_one_by_one_reproduces_the_model(kind):
+    """Unpruned, the block-by-block run gives every stack's last block exactly what the model gives it,
+    so the sequential pipeline passes every block its masks, positions and (T5) shared biases."""
+    from prunekit.oneshot.blocks import find_blocks, next_inputs
+
+    model, batch = _more(kind)
+    model.eval()
+    for _, stack in find_blocks(model):
+        inputs = capture_inputs(model, stack[0], [batch], None)
+        for block in stack[:-1]:
+            inputs = next_inputs(block, inputs, None)
+        real = []
+        handle = stack[-1].register_forward_pre_hook(
+            lambda m, a, k: real.append(a[0] if a else k["hidden_states"]), with_kwargs=True
+        )
+        with torch.no_grad():
+            model(**batch)
+        handle.remove()
+        hidden = inputs.args[0][0] if inputs.args[0] else inputs.kwargs[0]["hidden_states"]
+        torch.testing.assert_close(hidden, real[0])
+    pk.prune(model, sparsity=0.5, criterion="sparsegpt", calibration=[batch], progress=False)
+    assert masked_parameters(model)
