@@ -323,7 +323,7 @@ def _prune_layer(plan: OneShotPlan, t: Target, stats: LinearStats, sparsity: flo
     weight = _out_in(t, real)
     nm = plan.nm
     if plan.criterion == "sparsegpt":
-        new, keep = sparsegpt_prune(weight, stats.hessian(), sparsity, nm, name=t.full_name)
+        new, keep = sparsegpt_prune(weight, stats.hessian(), sparsity, nm, name=t.full_name, overwrite_hessian=True)
         weight.copy_(new.to(weight.device))
     elif plan.criterion == "wanda":
         keep = wanda_keep(weight, stats.sq_norms, sparsity, nm)

@@ -171,8 +171,8 @@ class LinearStats:
         self.tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        """H = 2 XᵀX / n (float32)."""
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        """H = 2 XᵀX / n (float32), scaled in place: the accumulated XᵀX is consumed."""
+        return self.xtx.mul_(2.0 / max(self.tokens, 1))
 
     def remove(self) -> None:
         self.handle.remove()

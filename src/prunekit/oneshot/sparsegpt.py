@@ -32,15 +32,24 @@ DAMPING = 0.01
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damping: float, name: str) -> tuple[torch.Tensor, bool]:
-    """Upper Cholesky factor of (H + λI)⁻¹, and whether it succeeded (else a diagonal fallback)."""
-    eye = torch.arange(hessian.shape[0], device=hessian.device)
-    mean_diag = float(hessian.diagonal().mean())
+    """Upper Cholesky factor of (H + λI)⁻¹, and whether it succeeded (else a diagonal fallback).
+
+    Damps ``hessian`` in place (it is the caller's scratch copy), so at most three in × in matrices are
+    alive at once.
+    """
+    diagonal = hessian.diagonal()
+    mean_diag = float(diagonal.mean())
+    added = 0.0
     for attempt in range(4):
-        damped = hessian.clone()
-        damped[eye, eye] += damping * (10**attempt) * mean_diag
-        lower, info = torch.linalg.cholesky_ex(damped)
+        step = damping * (10**attempt) * mean_diag - added
+        diagonal += step
+        added += step
+        lower, info = torch.linalg.cholesky_ex(hessian)
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return upper, True
     warnings.warn(
@@ -50,7 +59,7 @@ def _inverse_cholesky(hessian: torch.Tensor, damping: float, name: str) -> tuple
         RuntimeWarning,
         stacklevel=3,
     )
-    diagonal = torch.nan_to_num(hessian.diagonal().abs(), nan=1.0, posinf=1.0).clamp_min(1e-12)
+    diagonal = torch.nan_to_num((diagonal - added).abs(), nan=1.0, posinf=1.0).clamp_min(1e-12)
     return torch.diag(diagonal.rsqrt()), False
 
 
@@ -72,16 +81,18 @@ def sparsegpt_prune(
     block_size: int = BLOCK_SIZE,
     damping: float = DAMPING,
     name: str = "layer",
+    overwrite_hessian: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` (out × in, any float dtype) given its Hessian H = 2XXᵀ (in × in).
 
     ``sparsity``: fraction of each 128-column block to prune (ignored with ``nm=(n, m)``, which keeps n
     of every m consecutive inputs in each row). Returns ``(new weight, keep-mask)``: the updated weight in
     ``weight``'s dtype with the pruned entries at zero, and the bool mask (True = kept).
+    ``overwrite_hessian=True`` lets a float32 ``hessian`` be used as scratch space (saves one copy).
     """
     rows, cols = weight.shape
     w = weight.detach().to(device=hessian.device, dtype=torch.float32, copy=True)
-    h = hessian.to(torch.float32).clone()
+    h = hessian if overwrite_hessian and hessian.dtype == torch.float32 else hessian.to(torch.float32, copy=True)
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
