@@ -381,7 +381,7 @@ def test_running_blocks_one_by_one_reproduces_the_model(kind):
             inputs = next_inputs(block, inputs, None)
         real = []
         handle = stack[-1].register_forward_pre_hook(
-            lambda m, a, k: real.append(a[0] if a else k["hidden_states"]), with_kwargs=True
+            lambda m, a, k, real=real: real.append(a[0] if a else k["hidden_states"]), with_kwargs=True
         )
         with torch.no_grad():
             model(**batch)

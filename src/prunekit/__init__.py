@@ -14,7 +14,7 @@ Quick start::
     print(pk.summary(model))
 """
 
-from . import bench, data, fhe
+from . import bench, data, fhe, oneshot
 from .compact import CompactionError, apply_plan, compact, load_pruned, save_pruned
 from .criteria import Criterion, Custom, Gradient, L2Magnitude, Magnitude, Movement, Random
 from .granularity import NM, Block, Granularity
@@ -60,6 +60,7 @@ __all__ = [
     "fhe",
     "from_pretrained",
     "masked_parameters",
+    "oneshot",
     "perplexity",
     "prune",
     "summary",

@@ -64,9 +64,11 @@ class TinyLMConfig:
     seed: int = 0
 
 
-def train_tiny_lm(tokens: torch.Tensor, config: TinyLMConfig = TinyLMConfig()):
+def train_tiny_lm(tokens: torch.Tensor, config: TinyLMConfig | None = None):
     """Train a ``transformers.GPT2LMHeadModel`` on random windows of ``tokens``; returns it in eval mode."""
     import transformers
+
+    config = TinyLMConfig() if config is None else config
 
     torch.manual_seed(config.seed)
     model = transformers.GPT2LMHeadModel(
