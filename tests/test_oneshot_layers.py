@@ -1,5 +1,6 @@
 """Wanda, SparseGPT and OWL on single layers: hand-computed masks, a reference SparseGPT, N:M patterns."""
 
+import copy
 import warnings
 
 import pytest
@@ -163,3 +164,15 @@ def test_owl_by_hand():
     # ratios 0.01, 0.03 (mean 0.02, deviations ∓0.01): the largest deviation maps to λ = 0.08
     assert owl_sparsities([0.01, 0.03], [10, 10], 0.7) == pytest.approx([0.78, 0.62])
     assert owl_sparsities([0.05, 0.05, 0.05], [1, 2, 3], 0.5) == [0.5, 0.5, 0.5]
+
+
+def test_wanda_with_statistics_is_a_plain_criterion_for_the_pruner():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0], [3.0, 3.0, 3.0, 3.0]]))
+    stats = {"0.weight": torch.tensor([100.0, 0.0, 1.0, 1.0])}
+    structured = copy.deepcopy(model)
+    pk.prune(model, sparsity=0.25, criterion=Wanda(stats))  # scores [10 0 1 1], [20 0 2 2], [30 0 3 3]
+    assert pk.masked_parameters(model)["0.weight"].tolist() == [[True, False, True, True]] * 3
+    pk.prune(structured, sparsity=1 / 3, criterion=Wanda(stats), granularity="out_channel")  # row sums 12, 24, 36
+    assert pk.masked_parameters(structured)["0.weight"].any(1).tolist() == [False, True, True]

@@ -124,8 +124,11 @@ def wants_calibration(options: Mapping[str, Any]) -> bool:
     if not (granularity == "weight" or isinstance(granularity, (Weight, NM))):
         return False  # structured pruning from calibration data is handled elsewhere
     criterion = options.get("criterion")
-    named = criterion if isinstance(criterion, str) else getattr(criterion, "name", None)
-    return options.get("calibration") is not None or named in DATA_AWARE or options.get("layer_sparsity") == "owl"
+    if options.get("calibration") is not None or options.get("layer_sparsity") == "owl":
+        return True
+    if isinstance(criterion, Wanda):
+        return not criterion.stats  # with statistics at hand it is a plain criterion for pk.Pruner
+    return criterion in DATA_AWARE
 
 
 def plan_calibrated(
