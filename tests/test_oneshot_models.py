@@ -312,11 +312,15 @@ def test_conv_layers_inside_blocks_are_refused_by_name():
     assert_untouched(net, before)
 
 
-def test_accelerate_offloaded_model_is_pruned_like_the_plain_one():
+@pytest.mark.parametrize("where", ["cpu", "disk"])
+def test_accelerate_offloaded_model_is_pruned_like_the_plain_one(where, tmp_path):
     accelerate = pytest.importorskip("accelerate")
     plain, _ = tiny("llama")
     offloaded = copy.deepcopy(plain)
-    accelerate.cpu_offload(offloaded, execution_device="cpu")
+    if where == "cpu":
+        accelerate.cpu_offload(offloaded, execution_device="cpu")
+    else:
+        accelerate.disk_offload(offloaded, str(tmp_path), execution_device="cpu")
     assert offloaded.model.layers[0].mlp.up_proj.weight.device.type == "meta"
     batches = calibration()
     pk.prune(plain, sparsity=0.5, criterion="sparsegpt", calibration=batches, progress=False)

@@ -24,8 +24,9 @@ from ..granularity import NM, Granularity, Weight, get_granularity
 from ..targets import LayerSelector, Target, check_sparsity, find_targets, is_hf_conv1d, resolve_layer_sparsity
 from .blocks import block_device, find_blocks, next_inputs, run_block
 from .calibration import CalibrationError, LinearStats, capture_inputs, read_batches
+from .offload import read_weight, write_weight
 from .owl import SPREAD, outlier_count, owl_sparsities
-from .rows import keep_per_row
+from .rows import keep_n_of_m, keep_per_row
 from .sparsegpt import sparsegpt_prune
 from .wanda import Wanda, wanda_keep, wanda_scores
 
@@ -294,21 +295,6 @@ def _in_features(t: Target) -> int:
     return t.oik_shape[1]
 
 
-def real_weight(module: nn.Module) -> torch.Tensor:
-    """The tensor holding ``module.weight``'s values, also when accelerate offloads it (then the module's
-    parameter is on ``meta`` and the values live in its hook's ``weights_map``); edits to it persist."""
-    weight = module.weight
-    if weight.device.type == "meta":
-        hook = getattr(module, "_hf_hook", None)
-        weights_map = getattr(hook, "weights_map", None)
-        if weights_map is None:
-            raise RuntimeError(
-                f"the weight of {type(module).__name__} is on the meta device and no offload map holds it"
-            )
-        return weights_map["weight"]
-    return weight.data
-
-
 def _out_in(t: Target, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.t() if is_hf_conv1d(t.module) else tensor
 
@@ -322,28 +308,25 @@ def _layer_sparsity(plan: OneShotPlan, t: Target, block_sparsity: float) -> floa
 @torch.no_grad()
 def _prune_layer(plan: OneShotPlan, t: Target, stats: LinearStats, sparsity: float) -> torch.Tensor:
     """Prune one Linear; return its keep-mask in the weight's own layout."""
-    real = real_weight(t.module)
-    weight = _out_in(t, real)
+    weight = _out_in(t, read_weight(t.module))
     nm = plan.nm
+    new = None
     if plan.criterion == "sparsegpt":
         new, keep = sparsegpt_prune(weight, stats.hessian(), sparsity, nm, name=t.full_name, overwrite_hessian=True)
-        weight.copy_(new.to(weight.device))
     elif plan.criterion == "wanda":
         keep = wanda_keep(weight, stats.sq_norms, sparsity, nm)
         plan.wanda.stats[t.full_name] = stats.sq_norms.detach().cpu().clone()
     else:  # magnitude, layer-wise
         scores = weight.detach().abs().float()
         if nm is not None:
-            from .rows import keep_n_of_m
-
             keep = keep_n_of_m(scores, *nm)
         else:
-            flat = keep_per_row(scores.reshape(1, -1), round(scores.numel() * sparsity))
-            keep = flat.view_as(scores)
-    keep = _out_in(t, keep.to(real.device)).contiguous()
-    mask_store.set_mask(t.module, "weight", keep.to(t.param.device) if t.param.device.type != "meta" else keep)
-    if t.param.device.type == "meta":
-        mask_store.zero_pruned(real, keep)
+            keep = keep_per_row(scores.reshape(1, -1), round(scores.numel() * sparsity)).view_as(scores)
+    keep = _out_in(t, keep.to(weight.device)).contiguous()
+    if t.param.device.type == "meta" or new is not None:
+        values = _out_in(t, weight if new is None else new.to(weight.device)) * keep
+        write_weight(t.module, values)  # offloaded weights are zeroed where they are kept
+    mask_store.set_mask(t.module, "weight", keep if t.param.device.type == "meta" else keep.to(t.param.device))
     return keep
 
 
@@ -372,7 +355,7 @@ def _owl_block_sparsities(plan: OneShotPlan, bar) -> list[list[float]]:
                 stats = _collect(block, targets, inputs, plan, hessian=False)
                 outliers = total = 0
                 for t in targets:
-                    scores = wanda_scores(_out_in(t, real_weight(t.module)), stats[t.full_name].sq_norms)
+                    scores = wanda_scores(_out_in(t, read_weight(t.module)), stats[t.full_name].sq_norms)
                     outliers += outlier_count(scores)
                     total += scores.numel()
                 ratios.append(outliers / total)
