@@ -3,7 +3,7 @@
 How well each method keeps the sentence embeddings: mean cosine between the pruned and the dense model's
 embeddings (mean pooling over real tokens, L2-normalised, as the model's own Pooling/Normalize modules do)
 on a held-out corpus of Python standard-library docstrings. Calibration: 128 docstrings from one set of
-stdlib modules; evaluation: 512 docstrings from a disjoint set. Only the encoder's Linear layers are
+stdlib modules; evaluation: 256 docstrings from a disjoint set. Only the encoder's Linear layers are
 pruned (6 blocks × 6 Linear); embeddings and the pooler stay dense, for every method alike.
 
 Also timed, interleaved in this process: prunekit's SparseGPT at 50% beside a straightforward
@@ -33,7 +33,7 @@ from prunekit.bench.text_lm import docstrings, stdlib_files  # noqa: E402
 
 CALIBRATION_FILES = (0, 80)  # stdlib_files(start, count)
 EVAL_FILES = (120, 80)
-CALIBRATION_TEXTS, EVAL_TEXTS, BATCH, MAX_LENGTH = 128, 512, 16, 128
+CALIBRATION_TEXTS, EVAL_TEXTS, BATCH, MAX_LENGTH = 128, 256, 16, 128
 SETTINGS = {"50%": dict(sparsity=0.5), "2:4": dict(granularity=pk.NM(2, 4)), "70%": dict(sparsity=0.7)}
 METHODS = {
     "magnitude": dict(criterion="magnitude"),
