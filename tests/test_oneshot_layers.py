@@ -33,6 +33,9 @@ def test_wanda_criterion_scores_from_stats_in_weight_layout():
     expected = torch.tensor([[2.0, 6.0, 0.0], [2.0, 1.5, 0.0]])
     assert torch.equal(criterion.score(target), expected)
     assert isinstance(criterion, pk.Criterion) and criterion.name == "wanda"
+    shared = Wanda()  # statistics handed over the way a shared calibration pass does it
+    shared.calibration_statistics = {"fc.weight": {"input_sq_norm": torch.tensor([4.0, 9.0, 0.0])}}
+    assert torch.equal(shared.score(target), expected)
     with pytest.raises(ValueError, match="no calibration statistics"):
         Wanda().score(target)
 

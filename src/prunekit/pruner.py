@@ -885,6 +885,7 @@ def prune(model: nn.Module, sparsity: float | None = None, **options: Any) -> Pr
         pruner = Pruner(model, **oneshot.pruner_options(plan, options))  # adopts the masks stored below
         pruner.calibration_report = oneshot.run_calibrated(plan)
         pruner._last_event = 0  # the one-shot event has happened: step() must not prune again
+        pruner._clear_optimizer_state()  # an attached optimizer forgets its state at the pruned entries
         return pruner
     # ---- end of calibrated one-shot pruning ----
     pruner = Pruner(model, sparsity, **options)

@@ -81,16 +81,18 @@ def _criterion_name(criterion: Any) -> str:
 
 
 def wants_calibration(options: Mapping[str, Any]) -> bool:
-    """True when ``pk.prune(**options)`` asks for calibrated unstructured or N:M pruning."""
+    """True when ``pk.prune(**options)`` asks for calibrated unstructured or N:M pruning: criterion
+    ``"wanda"`` or ``"sparsegpt"``, or ``layer_sparsity="owl"`` (``calibration=`` alone is not enough: other
+    criteria may read calibration statistics through the plain pruner)."""
     granularity = options.get("granularity", "weight")
     if not (granularity == "weight" or isinstance(granularity, (Weight, NM))):
         return False  # structured pruning from calibration data is handled elsewhere
-    criterion = options.get("criterion")
-    if options.get("calibration") is not None or options.get("layer_sparsity") == "owl":
+    if isinstance(options.get("layer_sparsity"), str) and options["layer_sparsity"] == "owl":
         return True
+    criterion = options.get("criterion")
     if isinstance(criterion, Wanda):
         return not criterion.stats  # with statistics at hand it is a plain criterion for pk.Pruner
-    return criterion in DATA_AWARE
+    return isinstance(criterion, str) and criterion in DATA_AWARE
 
 
 def plan_calibrated(

@@ -34,17 +34,26 @@ class Wanda(Criterion):
     It reads the calibration statistics from :attr:`stats`: ``{target.full_name: Σ_tokens X_j²}``, one
     float tensor of the layer's input units (input features; input channels for a conv), filled by the
     calibration step (:func:`prunekit.oneshot.prune_with_calibration`, or your own hooks) before any score
-    is asked for. Scores are per weight; a granularity reduces them as usual, so the same statistics
+    is asked for (or in ``calibration_statistics[name]["input_sq_norm"]``, as a shared calibration pass
+    hands them to criteria that list :attr:`statistics`). Scores are per weight; a granularity reduces them as usual, so the same statistics
     also score structured units.
     """
 
     name = "wanda"
+    #: What a shared calibration pass should collect for it (``calibration_statistics[name][...]``).
+    statistics = ("input_sq_norm",)
 
     def __init__(self, stats: dict[str, torch.Tensor] | None = None):
         self.stats: dict[str, torch.Tensor] = {} if stats is None else stats
 
+    def _sq_norms(self, full_name: str) -> torch.Tensor | None:
+        found = self.stats.get(full_name)
+        if found is None:  # statistics handed over by a shared calibration pass, if any
+            found = (getattr(self, "calibration_statistics", None) or {}).get(full_name, {}).get("input_sq_norm")
+        return found
+
     def score(self, target: Target) -> torch.Tensor:
-        sq_norms = self.stats.get(target.full_name)
+        sq_norms = self._sq_norms(target.full_name)
         if sq_norms is None:
             raise ValueError(
                 f"criterion 'wanda' has no calibration statistics for {target.full_name!r}: pass calibration= "
