@@ -172,13 +172,14 @@ def run_calibrated(plan: OneShotPlan) -> OneShotResult:
                 if active:
                     stats = _collect(block, active, inputs, plan, hessian=plan.criterion == "sparsegpt")
                     for t in active:
-                        keep = _prune_layer(plan, t, stats[t.full_name], layer_sparsity[t.full_name])
+                        layer_stats = stats.pop(t.full_name)  # freed as soon as its layer is pruned
+                        keep = _prune_layer(plan, t, layer_stats, layer_sparsity[t.full_name])
                         result.target_sparsity[t.full_name] = plan.sparsity if plan.nm else layer_sparsity[t.full_name]
                         result.sparsity[t.full_name] = 1.0 - float(keep.float().mean())
                         kept += int(keep.sum())
                         pruned += keep.numel() - int(keep.sum())
-                        result.tokens = stats[t.full_name].tokens
-                    del stats
+                        result.tokens = layer_stats.tokens
+                        del layer_stats
                 if b + 1 < len(stack):
                     inputs = next_inputs(block, inputs, plan.storage)
                 if bar is not None:
