@@ -883,7 +883,11 @@ def prune(model: nn.Module, sparsity: float | None = None, **options: Any) -> Pr
     if oneshot.wants_calibration(options):
         plan = oneshot.plan_calibrated(model, sparsity, **options)  # validates everything, touches nothing
         pruner = Pruner(model, **oneshot.pruner_options(plan, options))  # adopts the masks stored below
-        pruner.calibration_report = oneshot.run_calibrated(plan)
+        try:
+            pruner.calibration_report = oneshot.run_calibrated(plan)
+        except BaseException:
+            pruner._unhook()  # a batch the model rejects is found before any weight changes
+            raise
         pruner._last_event = 0  # the one-shot event has happened: step() must not prune again
         pruner._clear_optimizer_state()  # an attached optimizer forgets its state at the pruned entries
         return pruner
