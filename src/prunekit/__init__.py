@@ -21,7 +21,8 @@ harness) and ``prunekit.data`` (dataset readers) load on first use.
 import importlib
 
 from . import attention as _attention  # noqa: F401  registers nn.MultiheadAttention's compaction
-from . import compressed, fhe, hf, sparse
+from . import compressed, fhe, hf, oneshot, sparse
+from .api import prune
 from .compact import CompactionError, compact
 from .compressed import CompressedFileError, inspect_file, share_weights
 from .core.config import PruningConfig, StructuredOptions
@@ -42,8 +43,9 @@ from .methods.criteria import (
 )
 from .methods.granularity import NM, Block, Granularity, register_granularity
 from .methods.schedules import Gradual, Iterative, OneShot, Schedule, epochs_to_steps
+from .oneshot import perplexity
 from .plans import apply_plan
-from .pruner import Pruner, prune
+from .pruner import Pruner
 from .recipes import Recipe, RecipeError, load_recipe
 from .saving import load_pruned, save_pruned
 from .sparse import to_dense, to_sparse
@@ -110,6 +112,8 @@ __all__ = [
     "load_recipe",
     "load_pruned",
     "masked_parameters",
+    "oneshot",
+    "perplexity",
     "prune",
     "register_criterion",
     "register_granularity",

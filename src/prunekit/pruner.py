@@ -228,7 +228,7 @@ class Pruner:
         if self.dependencies is not None:  # running statistics too: compaction slices them
             touched += [(piece.full_name, piece.tensor) for piece in self.dependencies.slices]
         checks.check_finite({id(tensor): (name, tensor) for name, tensor in touched}.values())
-        if self.criterion.statistics:
+        if self.criterion.statistics and self.calibration is not None:
             self.criterion.use_statistics(
                 collect_statistics(self.model, self.targets, self.calibration, self.criterion.statistics)
             )
@@ -317,6 +317,20 @@ class Pruner:
         self._removed = True
         return self.model
 
+    def mark_pruned(self) -> None:
+        """Record that the one-shot event has happened outside the pruner (a calibrated method such as
+        SparseGPT stored the masks and changed the weights): :meth:`step` will not prune again, and the
+        attached optimizers forget their state at the pruned entries."""
+        self._check_alive()
+        self._last_event = max(self._last_event, 0)
+        self.enforcer.forget()
+        self.enforcer.clear_optimizer_state()
+
+    def abandon(self) -> None:
+        """Drop this pruner's hooks after a failed one-shot call, leaving the masks as they are."""
+        self._unhook()
+        self.enforcer.detach_all()
+
     def _unhook(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -354,26 +368,3 @@ class Pruner:
 
     def __deepcopy__(self, memo):
         raise TypeError("a Pruner is tied to its model; deepcopy the model and build a new pk.Pruner for the copy")
-
-
-def prune(model: nn.Module, sparsity: float | None = None, **options: Any) -> Pruner:
-    """Prune ``model`` once, now, and return the :class:`Pruner` holding its masks.
-
-    Takes the same arguments as :class:`Pruner` (except ``schedule``). Keep the returned pruner to
-    fine-tune with the masks enforced (call ``pruner.step()`` after each optimizer step, or attach the
-    optimizer), or call ``pruner.remove()`` for a plain model.
-
-    Example::
-
-        pk.prune(model, sparsity=0.9, criterion="magnitude", granularity="weight", scope="global")
-    """
-    if "schedule" in options:
-        raise TypeError("pk.prune prunes once, now; for a schedule use pk.Pruner(..., schedule=...)")
-    pruner = Pruner(model, sparsity, **options)
-    try:
-        pruner.prune()
-    except BaseException:
-        pruner._unhook()  # the failed prune changed no mask; only the new hooks must go
-        pruner.enforcer.detach_all()
-        raise
-    return pruner
