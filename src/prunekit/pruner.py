@@ -877,6 +877,13 @@ def prune(model: nn.Module, sparsity: float | None = None, **options: Any) -> Pr
     """
     if "schedule" in options:
         raise TypeError("pk.prune prunes once, now; for a schedule use pk.Pruner(..., schedule=...)")
+    # --- issue 11 (branch structured-oneshot): structured pruning from calibration data, with reconstruction
+    structured = get_granularity(options.get("granularity", "weight")).name == "out_channel"
+    if "reconstruct" in options or (structured and options.get("calibration") is not None):
+        from .oneshot.structured import prune_structured_with_calibration
+
+        return prune_structured_with_calibration(model, sparsity, **{"granularity": "weight", **options})
+    # --- end issue 11 dispatch
     pruner = Pruner(model, sparsity, **options)
     try:
         pruner.prune()

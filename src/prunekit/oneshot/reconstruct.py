@@ -9,12 +9,13 @@ input columns. Two corrections are offered:
   calibration positions (for a convolution, summed over the kernel: border padding is ignored).
 - **Least-squares refit** (He et al. 2017, "Channel Pruning for Accelerating Very Deep Neural
   Networks", eq. 1 with the channel choice fixed): the kept weights W' and a bias shift d minimise
-  ‖Y − b − W'X_K − d‖² + λ‖[W' d] − [W_K 0]‖², with Y the *dense* model's output of the layer and
+  ‖Y − b − W'X_K − d‖² + λ‖W' − W_K‖², with Y the *dense* model's output of the layer and
   X_K the kept input channels as the *pruned* model computes them (so the refit absorbs the errors of
   earlier layers, as He et al. do). Solved in float64 by the damped normal equation
-  (XᵀX + λI)Θ = XᵀY + λΘ₀ with a Cholesky factorisation, λ = ``damp`` × mean(diag XᵀX). Damping
-  towards the masked weights Θ₀ (not towards 0) guarantees the refit's calibration error is never
-  above the masked layer's. Layers are refit one at a time in the order the model first calls them,
+  (XᵀX + λI)Θ = XᵀY + λΘ₀ with a Cholesky factorisation, λ = ``damp`` × mean(diag XᵀX), the shift d
+  undamped. Damping towards the masked weights Θ₀ (not towards 0) guarantees the refit's calibration
+  error is never above the masked layer's, and with d free, removed channels that are constant are
+  compensated exactly whatever the damping. Layers are refit one at a time in the order the model first calls them,
   each from a fresh pass over the calibration batches (stopped as soon as that layer has run).
 
 Where the bias shift goes: into the layer's bias; a layer without one whose every output goes
@@ -257,25 +258,34 @@ class _Normal:
         return max(value, 0.0) / max(self.output_squares, 1e-300)
 
 
-def solve_damped(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, damp: float, layer: str) -> torch.Tensor:
-    """Θ = (G + λI)⁻¹(C + λΘ₀), λ = damp × mean(diag G), by Cholesky; when G + λI is not positive
+def solve_damped(
+    gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, damp: float, layer: str, free: int = 0
+) -> torch.Tensor:
+    """Θ = (G + Λ)⁻¹(C + ΛΘ₀) with Λ = λ on the diagonal except the last ``free`` entries (the bias
+    shift, left undamped: its equation always has the positions' count on its diagonal) and
+    λ = damp × mean of the other diagonal entries of G; by Cholesky. When G + Λ is not positive
     definite in floating point, λ grows tenfold (up to 6 times), then a warning and a least-squares solve."""
-    scale = float(gram.diagonal().mean()) if gram.numel() else 0.0
+    size = gram.shape[0]
+    damped = gram.diagonal()[: size - free]
+    scale = float(damped.mean()) if damped.numel() else 0.0
     scale = scale if scale > 0 else 1.0
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    mask = torch.ones(size, dtype=gram.dtype, device=gram.device)
+    if free:
+        mask[size - free :] = 0
     factor = max(damp, 0.0)
     for _ in range(7):
-        lam = factor * scale
-        lower, info = torch.linalg.cholesky_ex(gram + lam * eye)
+        lam = factor * scale * mask
+        lower, info = torch.linalg.cholesky_ex(gram + torch.diag(lam))
         if int(info) == 0:
-            return torch.cholesky_solve(cross + lam * prior, lower)
+            return torch.cholesky_solve(cross + lam.unsqueeze(1) * prior, lower)
         factor = max(factor * 10, 1e-10)
     warnings.warn(
         f"reconstruction of {layer}: the normal equation stayed singular after raising the damping to "
         f"{factor / 10:g}; solved by least squares instead (more calibration data helps)",
         stacklevel=3,
     )
-    return torch.linalg.lstsq(gram + factor * scale * eye, cross + factor * scale * prior).solution
+    lam = factor * scale * mask
+    return torch.linalg.lstsq(gram + torch.diag(lam), cross + lam.unsqueeze(1) * prior).solution
 
 
 def refit_least_squares(
@@ -303,7 +313,7 @@ def refit_least_squares(
         prior = layer.weight_matrix().t()
         if intercept:
             prior = torch.cat([prior, prior.new_zeros(1, prior.shape[1])])
-        theta = solve_damped(normal.gram, normal.cross, prior, damp, layer.name)
+        theta = solve_damped(normal.gram, normal.cross, prior, damp, layer.name, int(intercept))
         report = RefitReport(layer.name, "least_squares", layer.bias_into, normal.positions)
         report.error_before, report.error_after = normal.error(prior), normal.error(theta)
         with torch.no_grad():
