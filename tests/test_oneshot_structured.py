@@ -289,6 +289,16 @@ def test_refused_calls_leave_the_model_unchanged(case):
         assert isinstance(error.value, CalibrationError) and "RuntimeError" in str(error.value)
 
 
+def test_refit_without_the_dense_output_cache_gives_the_same_weights(monkeypatch):
+    model, batches = bert(), bert_batches()
+    uncached = copy.deepcopy(model)
+    prune_calibrated(model, 0.3, calibration=batches, example_inputs=batches[0], reconstruct=True)
+    monkeypatch.setattr(reconstruct_module, "CACHE_BYTES", 0)
+    prune_calibrated(uncached, 0.3, calibration=batches, example_inputs=batches[0], reconstruct=True)
+    for (name, a), b in zip(model.state_dict().items(), uncached.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_a_failure_during_the_refit_restores_the_model(monkeypatch):
     model = resnet18()
     before = snapshot(model)

@@ -15,8 +15,11 @@ input columns. Two corrections are offered:
   (XᵀX + λI)Θ = XᵀY + λΘ₀ with a Cholesky factorisation, λ = ``damp`` × mean(diag XᵀX), the shift d
   undamped. Damping towards the masked weights Θ₀ (not towards 0) guarantees the refit's calibration
   error is never above the masked layer's, and with d free, removed channels that are constant are
-  compensated exactly whatever the damping. Layers are refit one at a time in the order the model first calls them,
-  each from a fresh pass over the calibration batches (stopped as soon as that layer has run).
+  compensated exactly whatever the damping. Layers are refit one at a time in the order the model
+  first calls them, each from a fresh pass of the pruned model over the calibration batches (stopped
+  as soon as that layer has run); the dense outputs Y come from one pass of the dense copy, kept while
+  they fit in :data:`CACHE_BYTES` (else the dense model runs again for each layer). Extra memory: one
+  copy of the model, Y, and one layer's XᵀX at a time.
 
 Where the bias shift goes: into the layer's bias; a layer without one whose every output goes
 straight into a BatchNorm shifts that norm's running mean instead (μ' = μ − d, exact in eval mode);
@@ -295,6 +298,7 @@ def refit_least_squares(
     """Refit each consumer in call order against the dense model's outputs (see the module docstring)."""
     reports = []
     dense_modules = dict(dense.named_modules())
+    cached = dense_outputs(dense, batches, consumers, record)
     for layer in consumers:
         intercept = layer.bias_into != "none"
         width = len(layer.channels) * (layer.module.weight[0, 0].numel() if layer.is_conv else 1)
@@ -304,10 +308,13 @@ def refit_least_squares(
             expected = record.calls[layer.name][index]
             if not expected:
                 continue
-            outputs = _capture(dense, dense_modules[layer.name], batch, index, expected, "output")
+            if cached is not None:
+                outputs = cached[layer.name][index]
+            else:
+                outputs = [layer.outputs(y) for y in _capture(dense, dense_modules[layer.name], batch, index, expected)]
             inputs = _capture(model, layer.module, batch, index, expected, "input")
             for x, y in zip(inputs, outputs):
-                target = layer.outputs(y).double()
+                target = y.double()
                 residual = target if bias is None else target - bias
                 normal.add(layer.features(x), residual, target)
         prior = layer.weight_matrix().t()
@@ -324,7 +331,48 @@ def refit_least_squares(
     return reports
 
 
-def _capture(model: nn.Module, module: nn.Module, batch: Any, index: int, expected: int, what: str) -> list:
+class _CacheFull(StopForward):
+    pass
+
+
+#: Most bytes of dense-model outputs kept for the whole refit; above it, the dense model runs again
+#: for every refit layer (twice the forward passes, no extra memory).
+CACHE_BYTES = 2 << 30
+
+
+def dense_outputs(
+    dense: nn.Module, batches: list[Any], consumers: list[Consumer], record: CalibrationRecord
+) -> dict[str, list[list[torch.Tensor]]] | None:
+    """The kept output rows of every consumer on every batch, from one pass of the dense model
+    (``found[layer][batch]``: one matrix per call), or None once they would exceed :data:`CACHE_BYTES`."""
+    found = {layer.name: [[] for _ in batches] for layer in consumers}
+    by_module = {dense.get_submodule(layer.name): layer for layer in consumers}
+    size, current = 0, [0]
+
+    def keep(module, _args, output):
+        nonlocal size
+        layer = by_module[module]
+        matrix = layer.outputs(output.detach())
+        size += matrix.numel() * matrix.element_size()
+        if size > CACHE_BYTES:
+            raise _CacheFull
+        found[layer.name][current[0]].append(matrix)
+
+    handles = [module.register_forward_hook(keep) for module in by_module]
+    try:
+        with eval_mode(dense):
+            for index, batch in enumerate(batches):
+                current[0] = index
+                run_batch(dense, batch, index)
+    except _CacheFull:
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def _capture(model: nn.Module, module: nn.Module, batch: Any, index: int, expected: int, what: str = "output") -> list:
     """The inputs (or outputs) of ``module`` on its ``expected`` calls while ``model`` runs ``batch``;
     the pass stops right after the last of them."""
     seen = []
