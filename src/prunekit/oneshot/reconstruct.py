@@ -293,12 +293,14 @@ def solve_damped(
 
 def refit_least_squares(
     model: nn.Module, dense: nn.Module, batches: list[Any], consumers: list[Consumer], record: CalibrationRecord,
-    damp: float, added: list[nn.Module],
+    damp: float, added: list[nn.Module], target: str = "model",
 ) -> list[RefitReport]:  # fmt: skip
-    """Refit each consumer in call order against the dense model's outputs (see the module docstring)."""
+    """Refit each consumer in call order (see the module docstring): against the dense model's outputs
+    (``target="model"``, He et al.) or the dense layer applied to the pruned model's inputs
+    (``target="layer"``: only the removed channels' own contribution is compensated)."""
     reports = []
     dense_modules = dict(dense.named_modules())
-    cached = dense_outputs(dense, batches, consumers, record)
+    cached = dense_outputs(dense, batches, consumers, record) if target == "model" else None
     for layer in consumers:
         intercept = layer.bias_into != "none"
         width = len(layer.channels) * (layer.module.weight[0, 0].numel() if layer.is_conv else 1)
@@ -308,11 +310,14 @@ def refit_least_squares(
             expected = record.calls[layer.name][index]
             if not expected:
                 continue
-            if cached is not None:
+            inputs = _capture(model, layer.module, batch, index, expected, "input")
+            if target == "layer":
+                with torch.no_grad():
+                    outputs = [layer.outputs(dense_modules[layer.name](x)) for x in inputs]
+            elif cached is not None:
                 outputs = cached[layer.name][index]
             else:
                 outputs = [layer.outputs(y) for y in _capture(dense, dense_modules[layer.name], batch, index, expected)]
-            inputs = _capture(model, layer.module, batch, index, expected, "input")
             for x, y in zip(inputs, outputs):
                 target = y.double()
                 residual = target if bias is None else target - bias
