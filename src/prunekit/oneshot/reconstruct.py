@@ -293,14 +293,12 @@ def solve_damped(
 
 def refit_least_squares(
     model: nn.Module, dense: nn.Module, batches: list[Any], consumers: list[Consumer], record: CalibrationRecord,
-    damp: float, added: list[nn.Module], target: str = "model",
+    damp: float, added: list[nn.Module],
 ) -> list[RefitReport]:  # fmt: skip
-    """Refit each consumer in call order (see the module docstring): against the dense model's outputs
-    (``target="model"``, He et al.) or the dense layer applied to the pruned model's inputs
-    (``target="layer"``: only the removed channels' own contribution is compensated)."""
+    """Refit each consumer in call order against the dense model's outputs (see the module docstring)."""
     reports = []
     dense_modules = dict(dense.named_modules())
-    cached = dense_outputs(dense, batches, consumers, record) if target == "model" else None
+    cached = dense_outputs(dense, batches, consumers, record)
     for layer in consumers:
         intercept = layer.bias_into != "none"
         width = len(layer.channels) * (layer.module.weight[0, 0].numel() if layer.is_conv else 1)
@@ -310,14 +308,11 @@ def refit_least_squares(
             expected = record.calls[layer.name][index]
             if not expected:
                 continue
-            inputs = _capture(model, layer.module, batch, index, expected, "input")
-            if target == "layer":
-                with torch.no_grad():
-                    outputs = [layer.outputs(dense_modules[layer.name](x)) for x in inputs]
-            elif cached is not None:
+            if cached is not None:
                 outputs = cached[layer.name][index]
             else:
                 outputs = [layer.outputs(y) for y in _capture(dense, dense_modules[layer.name], batch, index, expected)]
+            inputs = _capture(model, layer.module, batch, index, expected, "input")
             for x, y in zip(inputs, outputs):
                 target = y.double()
                 residual = target if bias is None else target - bias

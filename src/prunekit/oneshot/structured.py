@@ -103,7 +103,6 @@ class Fluctuation(ActivationCriterion):
         return target.from_oik(weight * self.channel_scale(target)).float()
 
 
-REFIT_TARGETS = ("model", "layer")
 ACTIVATION_CRITERIA = {"wanda": WandaGroups, "flap": Fluctuation}
 WEIGHT_CRITERIA = {"magnitude": Magnitude, "l2": L2Magnitude, "random": Random}
 
@@ -123,7 +122,6 @@ def prune_structured_with_calibration(
     exclude: LayerSelector | Iterable[LayerSelector] | None = None,
     min_kept: int = 1,
     damp: float = 0.01,
-    refit_target: str = "model",
     **options: Any,
 ) -> Pruner:
     """Prune whole heads, neurons and channels of a trained model, scored from calibration data, and
@@ -141,9 +139,6 @@ def prune_structured_with_calibration(
         reconstruct: ``False`` (masks only), ``"bias"`` (FLAP's bias compensation) or ``True`` /
             ``"least_squares"`` (He et al. 2017 refit with a bias shift, see :mod:`.reconstruct`).
         damp: damping of the least-squares refit, as a fraction of the mean diagonal of XᵀX.
-        refit_target: what the refit matches: ``"model"`` (the dense model's output of the layer, He
-            et al. 2017, so the refit also absorbs earlier layers' errors) or ``"layer"`` (the dense
-            layer applied to the pruned model's inputs: only the removed channels are compensated).
         layer_sparsity, include, exclude, min_kept, **options: as for :class:`prunekit.Pruner`
             (``scope``, ``round_to``, ``prune_only``, ``max_layer_sparsity``, ``prune_outputs``).
 
@@ -172,8 +167,6 @@ def prune_structured_with_calibration(
         raise ValueError(f"unknown criterion {criterion!r} for structured pruning with calibration; valid: {valid}")
     if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp >= 0:
         raise ValueError(f"damp must be a number ≥ 0 (a fraction of the mean diagonal of XᵀX), got {damp!r}")
-    if refit_target not in REFIT_TARGETS:
-        raise ValueError(f"refit_target must be one of {', '.join(map(repr, REFIT_TARGETS))}, got {refit_target!r}")
     batches = as_batches(calibration)
     data_aware = criterion in ACTIVATION_CRITERIA
     if (data_aware or mode) and not batches:
@@ -203,7 +196,7 @@ def prune_structured_with_calibration(
         if mode == "bias":
             reports = compensate_biases(dense, consumers, record, added)
         else:
-            reports = refit_least_squares(model, dense, batches, consumers, record, float(damp), added, refit_target)
+            reports = refit_least_squares(model, dense, batches, consumers, record, float(damp), added)
     except BaseException:
         restore(model, dense, added)
         raise
