@@ -46,6 +46,7 @@ from prunekit.oneshot import prune_structured_with_calibration  # noqa: E402
 
 CRITERIA = ("magnitude", "wanda", "flap")
 MODES = (False, "bias", True)
+DAMP = 0.1  # prunekit's default
 MODE_NAMES = {False: "none", "bias": "bias compensation", True: "least-squares refit"}
 
 CALIBRATION_MODULES = ("collections", "json", "inspect", "argparse", "logging", "textwrap", "pathlib", "functools")
@@ -212,7 +213,7 @@ def run_minilm(calibration_texts: int, evaluation_texts: int, max_length: int) -
     reference = embed(dense, evaluation)
     pipeline_gap = check_pipeline(path, eval_texts[:16], reference[:16], max_length)
     rows = []
-    settings = [(c, m, 0.01) for c in CRITERIA for m in MODES] + [("wanda", True, 0.001), ("wanda", True, 0.1)]
+    settings = [(c, m, DAMP) for c in CRITERIA for m in MODES] + [("wanda", True, 0.01), ("wanda", True, 1.0)]
     for criterion, mode, damp in settings:
         model = copy.deepcopy(dense)
         started = time.perf_counter()
@@ -293,7 +294,7 @@ def report(cnn: dict | None, minilm: dict | None, command: str) -> str:
         "unit (rows that write it, columns that read it); wanda = Σ |W_ij|·‖X_j‖₂ over the same weights;",
         "flap = Σ W_ij²·Var(X_j). Reconstruction (prunekit.oneshot.reconstruct): bias compensation = FLAP's",
         "b + W_:,P·E[X_P]; least-squares refit = He et al. 2017 with a bias shift, Y from the dense model,",
-        "X from the pruned one, layer by layer in call order, damped towards the masked weights (damp 0.01",
+        "X from the pruned one, layer by layer in call order, damped towards the masked weights (damp 0.1",
         "of the mean diagonal of XᵀX unless said). Every pruned model was compacted (`pk.compact`, exact).",
     ]
     if cnn:
@@ -333,7 +334,7 @@ def report(cnn: dict | None, minilm: dict | None, command: str) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for row in minilm["rows"]:
-            mode = row["reconstruction"] + (f" (damp {row['damp']:g})" if row["damp"] not in (None, 0.01) else "")
+            mode = row["reconstruction"] + (f" (damp {row['damp']:g})" if row["damp"] not in (None, DAMP) else "")
             error = (
                 f"{row['mean_error_before']:.3f} → {row['mean_error_after']:.3f}"
                 if row["mean_error_before"] is not None
@@ -359,7 +360,7 @@ def plot(cnn: dict | None, minilm: dict | None, path: Path) -> None:
         width = 0.8 / len(modes)
         for offset, mode in enumerate(modes):
             values = [
-                next((r[key] for r in study["rows"] if r["criterion"] == c and r["reconstruction"] == mode and r.get("damp") in (None, 0.01)), 0)
+                next((r[key] for r in study["rows"] if r["criterion"] == c and r["reconstruction"] == mode and r.get("damp") in (None, DAMP)), 0)
                 for c in CRITERIA
             ]  # fmt: skip
             axes.bar([i + offset * width for i in range(len(CRITERIA))], values, width, label=mode)
@@ -375,7 +376,12 @@ def plot(cnn: dict | None, minilm: dict | None, path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("cnn", "minilm", "all"), default="all")
+    parser.add_argument(
+        "--part",
+        choices=("cnn", "minilm", "all", "report"),
+        default="all",
+        help="report: rebuild .md/.png from the .json",
+    )
     parser.add_argument("--data", default=str(MNIST_DIR), help="MNIST test-set folder (default: %(default)s)")
     parser.add_argument("--epochs", type=float, default=2.0, help="ResNet-18 training epochs (default: %(default)s)")
     parser.add_argument("--calibration-images", type=int, default=1024)

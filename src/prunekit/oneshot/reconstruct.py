@@ -166,8 +166,9 @@ def find_consumers(
             continue
         module = target.module
         reason = _unsupported(target)
-        if reason is None and target.name not in record.statistics:
-            reason = "it was never called as a module during calibration"
+        stats = record.statistics.get(target.name)
+        if reason is None and (stats is None or stats.total is None):
+            reason = "it was never called as a module on a positional tensor during calibration"
         if reason is not None:
             skipped.append(f"{target.name} ({reason})")
             continue
