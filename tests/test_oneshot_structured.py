@@ -234,6 +234,36 @@ def test_bert_heads_and_neurons_refit_then_compact(criterion):
     assert kept <= 0.7 + 0.02
 
 
+def decoder(name: str):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4))
+    config = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("name, sink", [("gpt2", "bias"), ("llama", "new bias")])
+def test_decoders_refit_then_compact(name, sink):
+    """GPT-2's Conv1D projections keep their biases; LLaMA's bias-free o_proj / down_proj get one."""
+    model = decoder(name).eval()
+    calib = [
+        {"input_ids": torch.randint(0, 100, (4, 12), generator=torch.Generator().manual_seed(i))} for i in range(3)
+    ]
+    pruner = pk.prune(model, 0.3, granularity="out_channel", criterion="wanda", calibration=calib,
+                      example_inputs=calib[0], reconstruct=True)  # fmt: skip
+    assert len(pruner.reconstruction) == 4 and {r.bias_into for r in pruner.reconstruction} == {sink}
+    assert all(r.error_after <= r.error_before for r in pruner.reconstruction)
+    with torch.no_grad():
+        masked = model(**calib[1]).logits
+    small = pk.compact(model, example_inputs=calib[0])
+    with torch.no_grad():
+        assert torch.allclose(small(**calib[1]).logits, masked, atol=1e-4)
+
+
 def test_pk_prune_runs_the_issue_example_end_to_end():
     model, calib = bert(), bert_batches()
     pruner = pk.prune(model, sparsity=0.15, sparsity_in="params", granularity="out_channel", criterion="wanda",
