@@ -344,7 +344,35 @@ def report(cnn: dict | None, minilm: dict | None, command: str) -> str:
                 f"| {row['criterion']} | {mode} | {row['cosine_mean']:.4f} | {row['cosine_p05']:.4f} | "
                 f"{1 - row['params'] / dense_params:.1%} | {error} | {row['seconds']:.1f} |"
             )
+    lines += ["", "## Findings", ""] + findings(cnn, minilm)
     return "\n".join(lines) + "\n"
+
+
+def findings(cnn: dict | None, minilm: dict | None) -> list[str]:
+    """One line per study comparing each criterion without correction and with the refit (default damp)."""
+    found = []
+    for study, key, label, fmt in (
+        (cnn, "accuracy", "ResNet-18 accuracy", "{:.2%}"),
+        (minilm, "cosine_mean", "MiniLM cosine", "{:.4f}"),
+    ):
+        if not study:
+            continue
+        parts = [
+            f"{c} {fmt.format(_pick(study, key, c, False))} → {fmt.format(_pick(study, key, c, 'bias'))} (bias) → "
+            f"{fmt.format(_pick(study, key, c, True))} (refit)"
+            for c in CRITERIA
+        ]
+        found.append(f"- {label}, no correction → bias compensation → least-squares refit: " + "; ".join(parts) + ".")
+    return found
+
+
+def _pick(study: dict, key: str, criterion: str, mode) -> float:
+    """``key`` of the row of ``criterion`` with reconstruction ``mode`` at the default damping."""
+    return next(
+        r[key]
+        for r in study["rows"]
+        if r["criterion"] == criterion and r["reconstruction"] == MODE_NAMES[mode] and r.get("damp") in (None, DAMP)
+    )
 
 
 def plot(cnn: dict | None, minilm: dict | None, path: Path) -> None:

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.criteria import get_criterion
-from prunekit.targets import find_targets
+from prunekit.core.targets import find_targets
+from prunekit.methods.criteria import get_criterion
 
 T, F = True, False
 

@@ -115,7 +115,7 @@ def test_sparsity_may_be_left_out_when_max_fan_in_is_given():
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
     pruner = pk.prune(model, max_fan_in=3)
     assert fan_ins(model) == {"0": [3] * 8, "2": [3] * 3}
-    assert pruner.state_dict()["config"]["max_fan_in"] == "3"
+    assert pruner.state_dict()["config"]["max_fan_in"] == 3
     with pytest.raises(TypeError, match="sparsity is required"):
         pk.Pruner(nn.Linear(4, 4))
 

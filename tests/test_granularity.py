@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.granularity import get_granularity
+from prunekit.methods.granularity import get_granularity
 
 T, F = True, False
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import prunekit as pk
-from prunekit.masks import (
+from prunekit.core.masks import (
     MASK_PREFIX,
     get_mask,
     mask_buffer_name,
@@ -222,7 +222,7 @@ magnitude_value = st.one_of(
 
 @given(st.lists(magnitude_value, min_size=1, max_size=70), st.sampled_from([0.0, 0.25, 1.0]), st.booleans())
 def test_magnitude_masks_match_comparing(values, threshold, with_buffers):
-    from prunekit.masks import pack_magnitude_above, prune_magnitude
+    from prunekit.core.masks import pack_magnitude_above, prune_magnitude
 
     x = torch.tensor(values, dtype=torch.float32)
     n = x.numel()
@@ -241,7 +241,7 @@ def test_magnitude_masks_match_comparing(values, threshold, with_buffers):
 
 
 def test_magnitude_masks_refuse_a_negative_threshold():
-    from prunekit.masks import pack_magnitude_above
+    from prunekit.core.masks import pack_magnitude_above
 
     with pytest.raises(ValueError, match="threshold"):
         pack_magnitude_above(torch.ones(3), -1.0)

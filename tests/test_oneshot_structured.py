@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import prunekit as pk
+from prunekit.core.targets import Target
 from prunekit.oneshot import prune_structured_with_calibration as prune_calibrated
 from prunekit.oneshot import reconstruct as reconstruct_module
 from prunekit.oneshot.activations import CalibrationError
 from prunekit.oneshot.structured import Fluctuation, WandaGroups, collect_statistics
-from prunekit.targets import Target
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

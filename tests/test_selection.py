@@ -10,8 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prunekit import selection
-from prunekit.selection import _float_key, _key_float, prune_lowest
+from prunekit.engines import selection
+from prunekit.engines.selection import _float_key, _key_float, prune_lowest
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -37,11 +37,8 @@ def run(layers: list[list[float]], k: int) -> list[list[bool]]:
 @contextmanager
 def chunked_path(sample_size: int = 64, candidate_limit: int = 50):
     """Force the no-concatenation path with a tiny sample and candidate budget (so _narrow runs too)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(selection, "SORT_LIMIT", 0)
-        mp.setattr(selection, "SAMPLE_SIZE", sample_size)
-        mp.setattr(selection, "CANDIDATE_LIMIT", candidate_limit)
-        yield mp
+    with selection.tuned(sort_limit=0, sample_size=sample_size, candidate_limit=candidate_limit) as tuning:
+        yield tuning
 
 
 @contextmanager
@@ -226,7 +223,7 @@ def test_chunked_path_recovers_from_misleading_sample(bracket, k):
     layers[0][:50] = [0.0] * 50  # ties at the single-point bracket
     layers[1][:5] = [-math.inf] * 5
     layers[1][5:10] = [math.inf] * 5
-    with chunked_path() as mp:
+    with chunked_path(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(selection, "_sample_bracket", lambda *args: bracket)
         check(layers, k)
 
@@ -399,8 +396,7 @@ def test_find_cut_k_zero_keeps_everything_even_minus_inf():
 @given(st.integers(0, 200), st.floats(0.0, 0.2), st.integers(0, 7), st.integers(0, 2**31))
 def test_select_matches_boolean_indexing(n, density, offset, seed):
     # Both ways: 8 flags at a time (forced even for short masks) and plain indexing.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(selection, "SELECT_BY_WORDS_FROM", 0)
+    with selection.tuned(select_by_words_from=0):
         check_select(n, density, offset, seed)
     check_select(n, density, offset, seed)
 
@@ -426,8 +422,7 @@ def test_sample_bracket_holds_the_quantile_when_runs_are_alike(q, seed):
     everything = torch.cat(layers)
     k = round(q * everything.numel())
     truth = float(everything.kthvalue(k).values)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(selection, "SAMPLE_SIZE", 16384)  # 1024 runs
+    with selection.tuned(sample_size=16384):  # 1024 runs
         lo, hi = selection._sample_bracket(*selection._sample(fns, sizes, None), k / everything.numel())
     assert lo <= truth <= hi
     # and still narrow: about ±6σ of 1024 independent draws (σ ≤ 0.5/32), not the whole range

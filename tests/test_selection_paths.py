@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
-import prunekit.selection as selection
+import prunekit.engines.selection as selection
 
 
 def _model(seed: int) -> nn.Module:
@@ -21,12 +21,11 @@ def _model(seed: int) -> nn.Module:
 
 def _masks_both_ways(monkeypatch, run):
     on_one_path = run(_model(0))
-    monkeypatch.setattr(selection, "SORT_LIMIT", 0)
-    monkeypatch.setattr(selection, "SAMPLE_SIZE", 64)
     passes = []
     real_pass = selection._bracket_pass
     monkeypatch.setattr(selection, "_bracket_pass", lambda *a: passes.append(1) or real_pass(*a))
-    in_passes = run(_model(0))
+    with selection.tuned(sort_limit=0, sample_size=64):
+        in_passes = run(_model(0))
     assert passes, "the pass-based path was not taken"
     return on_one_path, in_passes
 
@@ -68,12 +67,15 @@ def test_gradual_masks_match(monkeypatch, criterion):
 
 @pytest.mark.parametrize("sort_limit", [None, 0])
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.93])
-def test_global_magnitude_prunes_the_lowest_ties_to_the_earlier(monkeypatch, sort_limit, sparsity):
+def test_global_magnitude_prunes_the_lowest_ties_to_the_earlier(sort_limit, sparsity):
     # Many exact ties (weights on a coarse grid, zeros included): the k lowest |w| go, and among
     # equal |w| the earlier (layer, position) goes first, on both paths, with the weights zeroed
     # in place and the others untouched.
-    if sort_limit is not None:
-        monkeypatch.setattr(selection, "SORT_LIMIT", sort_limit)
+    with selection.tuned() if sort_limit is None else selection.tuned(sort_limit=sort_limit):
+        _check_global_magnitude_ties(sparsity)
+
+
+def _check_global_magnitude_ties(sparsity):
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(40, 64), nn.Linear(64, 30), nn.Linear(30, 8))
     with torch.no_grad():
@@ -95,16 +97,14 @@ def test_global_magnitude_prunes_the_lowest_ties_to_the_earlier(monkeypatch, sor
 @pytest.mark.parametrize("scope", ["global", "local"])
 @pytest.mark.parametrize("min_kept", [0, 3])
 @pytest.mark.parametrize("sort_on_device", [True, False])
-def test_masks_on_a_gpu_equal_those_on_the_cpu(monkeypatch, scope, min_kept, sort_on_device):
+def test_masks_on_a_gpu_equal_those_on_the_cpu(scope, min_kept, sort_on_device):
     """Ranked on the GPU in one sort, or by the counting passes: the same masks as on the CPU."""
     cpu = _model(0)
     pk.prune(cpu, 0.9, scope=scope, min_kept=min_kept)
-    if not sort_on_device:
-        monkeypatch.setattr(selection, "DEVICE_SORT_LIMIT", 0)
-        monkeypatch.setattr(selection, "SORT_LIMIT", 0)
-        monkeypatch.setattr(selection, "SAMPLE_SIZE", 64)
+    tuning = {} if sort_on_device else {"device_sort_limit": 0, "sort_limit": 0, "sample_size": 64}
     gpu = _model(0).cuda()
-    pk.prune(gpu, 0.9, scope=scope, min_kept=min_kept)
+    with selection.tuned(**tuning):
+        pk.prune(gpu, 0.9, scope=scope, min_kept=min_kept)
     expected, found = pk.masked_parameters(cpu), pk.masked_parameters(gpu)
     assert expected.keys() == found.keys()
     for name in expected:

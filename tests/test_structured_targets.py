@@ -14,10 +14,10 @@ from test_structure import ConcatNet, ResidualNet, TinyAttention, _params, _rand
 from torch import nn
 
 import prunekit as pk
-from prunekit.compact import removed_units
-from prunekit.masks import MASK_PREFIX
+from prunekit.core.masks import MASK_PREFIX
 from prunekit.structure import trace_dependencies
 from prunekit.structure.cost import UnitCosts
+from prunekit.structure.units import removed_units
 from prunekit.summary import weight_applications
 
 

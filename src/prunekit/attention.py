@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import handle_torch_function, has_torch_function
 
+from .core.layers import handler_for_type, register_layer
+
 
 def pruned_multi_head_attention_forward(
     query: torch.Tensor,
@@ -228,3 +230,9 @@ def shrink_multihead_attention(module: nn.MultiheadAttention) -> None:
     # head_dim; this flag is one they check before taking them. The forward below does not read it.
     module._qkv_same_embed_dim = False
     module.__class__ = PrunedMultiheadAttention
+
+
+# Compaction asks the layer registry how a sliced nn.MultiheadAttention updates itself.
+register_layer(
+    nn.MultiheadAttention, handler_for_type(nn.MultiheadAttention).with_options(update_shape=shrink_multihead_attention)
+)

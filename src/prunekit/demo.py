@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .methods.schedules import Gradual
 from .pruner import Pruner, prune
-from .schedules import Gradual
 from .summary import summary
 
 #: Sparsities (fractions of the pruned weights) of the one-shot baseline curve.

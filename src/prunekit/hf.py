@@ -53,8 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-# compact imports this module, so its names are looked up at call time (import cycle).
-from . import compact as compaction
+from . import plans as compaction
 
 CONFIG_ENTRY = "prunekit"
 ENTRY_FORMAT = "prunekit-hf/1"
@@ -307,3 +306,7 @@ def from_pretrained(model_class: type, path: str | os.PathLike, **kwargs: Any) -
     model.prunekit_plan = {"format": compaction.PLAN_FORMAT, "kept": plan["kept"]}
     record_in_config(model, model.prunekit_plan)
     return model.eval()
+
+
+# Compaction reads earlier plans from, and records new ones in, a Hugging Face model's config.
+compaction.register_plan_hooks(read=saved_plan, write=record_in_config)

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from ..data import Split
+from ..methods.schedules import Gradual, Iterative
 from ..pruner import Pruner
-from ..schedules import Gradual, Iterative
 from ..summary import summary
 from .results import SweepResult
 from .train import TrainConfig, evaluate, gradient_batches, total_steps, train
@@ -141,7 +141,9 @@ def prune_and_finetune(
     only: right after pruning), ``sparsity`` (fraction of the pruned layers' weights that are zero),
     ``compression`` (1 / (1 − sparsity)) and ``model_compression`` (all parameters of the model).
     """
-    options: dict[str, Any] = {"criterion": method.criterion, "scope": method.scope, "seed": seed, **method.options}
+    options: dict[str, Any] = {"criterion": method.criterion, "scope": method.scope, **method.options}
+    if method.criterion == "random":  # the run's seed seeds the random criterion; the others take none
+        options["seed"] = seed
     if method.layer_sparsity is not None:
         options["layer_sparsity"] = dict(method.layer_sparsity)
     if exclude:

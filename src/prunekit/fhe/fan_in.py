@@ -19,23 +19,20 @@ networks prune once, before training, with a whole-tensor amount, so Ω holds on
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-from .. import masks as mask_store
-from ..granularity import NM, Granularity, Weight
-from ..schedules import Schedule
-from ..targets import DEFAULT_TYPES, Target
+from ..core.targets import Target
+from ..methods.constraints import Constraint, ConstraintContext, keep_best_per_row
+from ..methods.granularity import Granularity
+from ..methods.schedules import Schedule
 from .budget import AccumulatorBudget
 
-if TYPE_CHECKING:
-    from ..pruner import Pruner
 
-
-class FanInConstraint:
+class FanInConstraint(Constraint):
     """At most ``limit`` non-zero weights per output neuron (an int Ω or an exact budget)."""
+
+    name = "max_fan_in"
 
     def __init__(self, limit: int | AccumulatorBudget):
         if isinstance(limit, AccumulatorBudget):
@@ -52,13 +49,13 @@ class FanInConstraint:
 
     def validate(self, targets: list[Target], granularity: Granularity) -> None:
         """Raise ``ValueError`` for layers or granularities the cap cannot be applied to."""
-        if not isinstance(granularity, (Weight, NM)):
+        if not (granularity.is_single_weight or granularity.selects_within_groups):
             raise ValueError(
                 f"max_fan_in caps single weights in each neuron, which granularity {granularity.name!r} cannot "
                 "express without breaking its units; use granularity='weight' or pk.NM(n, m) with max_fan_in"
             )
         for target in targets:
-            if not isinstance(target.module, DEFAULT_TYPES):
+            if not target.handler.sums_inputs:
                 raise ValueError(
                     f"max_fan_in applies to layers whose outputs sum their inputs (Linear, Conv, ConvTranspose); "
                     f"layer {target.name!r} is {type(target.module).__name__}: exclude it (exclude=[{target.name!r}])"
@@ -72,25 +69,15 @@ class FanInConstraint:
         return torch.full((out_dim,), self.limit, dtype=torch.int64, device=keep_oik.device)
 
     @torch.no_grad()
-    def apply(self, pruner: Pruner, result: dict, at_step: int | None) -> None:
-        """Add to ``result`` (the pruner's new packed masks) the capped masks of every layer whose
-        neurons keep too many weights; ``at_step`` None applies the final cap."""
-        for target in pruner.targets:
-            packed = result.get((target.module, target.param_name, target.full_name))
-            if packed is not None:
-                keep = mask_store.unpack_mask(packed, target.param.shape)
-            else:
-                keep = pruner._keep(target.module, target.param_name, target.full_name)
-            if keep is None:
-                keep = torch.ones_like(target.param, dtype=torch.bool)
-            keep_oik = target.to_oik(keep)
-            scores_oik = target.to_oik(pruner.criterion.score(target).float())
-            allowed = self.allowed(target, scores_oik, keep_oik)
-            fan_in = keep_oik[0].numel()
-            allowed = scheduled_allowance(allowed, fan_in, pruner.schedule, at_step)
-            capped = keep_best_per_row(scores_oik, keep_oik, allowed)
-            if not torch.equal(capped, keep_oik):
-                pruner._add_mask(result, target, capped)
+    def allow(self, keep: torch.Tensor, context: ConstraintContext) -> torch.Tensor:
+        """Keep at most the (scheduled) allowance of weights in every neuron, the best by score."""
+        allowed = self.allowed(context.target, context.scores, keep)
+        allowed = scheduled_allowance(allowed, keep[0].numel(), context.schedule, context.at_step)
+        return keep_best_per_row(context.scores, keep, allowed)
+
+    def to_dict(self) -> dict:
+        limit = self.limit if isinstance(self.limit, int) else repr(self.limit)
+        return {"name": self.name, "limit": limit}
 
     def __repr__(self) -> str:
         return repr(self.limit)
@@ -107,20 +94,6 @@ def scheduled_allowance(final: torch.Tensor, fan_in: int, schedule: Schedule, at
         allowed = min(max(round(fan_in * (1.0 - sparsity_t)), k), fan_in)
         result[final == k] = allowed
     return result
-
-
-def keep_best_per_row(scores_oik: torch.Tensor, keep_oik: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Keep, in every output row, the ``allowed[row]`` best-scoring weights among those kept.
-
-    Ties keep the earlier position (stable sort), so the result is deterministic.
-    """
-    out_dim = keep_oik.shape[0]
-    keep = keep_oik.reshape(out_dim, -1)
-    scores = scores_oik.reshape(out_dim, -1).masked_fill(~keep, float("-inf"))
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(keep.shape[1], device=keep.device).expand_as(order))
-    return (keep & (ranks < allowed.to(keep.device).unsqueeze(1))).reshape(keep_oik.shape)
 
 
 def neuron_fan_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:

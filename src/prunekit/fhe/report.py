@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..targets import LayerSelector, Target, find_targets
+from ..core.targets import LayerSelector, Target, find_targets
 from .budget import input_max_abs_int, max_fan_in
 from .quantize import Quantization, check_bits, magnitude_bits
 

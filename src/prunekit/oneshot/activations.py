@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..structure.dependencies import call_model
-from ..targets import is_hf_conv1d
+from ..core.inputs import call_model
+from ..core.targets import is_hf_conv1d
 
 
 class CalibrationError(ValueError):

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import masks as mask_store
-from ..targets import Target, is_hf_conv1d
+from ..core import masks as mask_store
+from ..core.targets import Target, is_hf_conv1d
 from .activations import CalibrationRecord, StopForward, eval_mode, run_batch
 
 MODES = (False, True, "least_squares", "bias")

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..criteria import Criterion, L2Magnitude, Magnitude, Random
-from ..granularity import OutChannel, get_granularity
-from ..masks import MASK_PREFIX
+from ..core.masks import MASK_PREFIX
+from ..core.targets import LayerSelector, Target
+from ..methods.criteria import Criterion, L2Magnitude, Magnitude, Random
+from ..methods.granularity import OutChannel, get_granularity
 from ..pruner import Pruner
-from ..targets import LayerSelector, Target
 from .activations import CalibrationRecord, as_batches, collect_statistics
 from .reconstruct import (
     MODES,

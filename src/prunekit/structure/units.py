@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from ..core import masks as mask_store
 from .dependencies import ChannelDependencies
 
 
@@ -125,7 +126,7 @@ def unit_keep_masks(dependencies: ChannelDependencies, pruned: torch.Tensor) -> 
     """``{parameter full name: bool keep mask of its shape}`` for every parameter a pruned unit touches."""
     masks: dict[str, torch.Tensor] = {}
     for piece in dependencies.slices:
-        if piece.tensor_name not in piece.module._parameters:
+        if not piece.maskable:
             continue
         removed = piece.removed(pruned)
         if not bool(removed.any()):
@@ -137,3 +138,32 @@ def unit_keep_masks(dependencies: ChannelDependencies, pruned: torch.Tensor) -> 
         found = masks.get(piece.full_name)
         masks[piece.full_name] = keep.expand(tensor.shape) if found is None else found & keep
     return {name: mask.contiguous() for name, mask in masks.items()}
+
+
+def removed_units(dependencies: ChannelDependencies) -> torch.Tensor:
+    """Bool per unit: True when the unit's channels are zero: every parameter slice that makes them
+    (filters, biases, norm weights) is pruned, i.e. masked, or all zeros where the parameter has no mask.
+    Input columns that read the channels and buffers (running statistics) do not count: they go with it."""
+    # One spare slot at the end takes the indices in no unit (a where instead of boolean-mask indexing).
+    spare = dependencies.num_units
+    gone = torch.ones(spare + 1, dtype=torch.bool)
+    seen = torch.zeros(spare + 1, dtype=torch.bool)
+    for piece in dependencies.slices:
+        if not piece.maskable or piece.consumer:
+            continue
+        keep = mask_store.get_mask(piece.module, piece.tensor_name)
+        values = piece.tensor.detach()
+        size = values.shape[piece.dim]
+        if values.device.type == "meta":
+            alive = torch.ones(size, dtype=torch.bool)
+        elif keep is not None:
+            alive = keep.cpu().movedim(piece.dim, 0).reshape(size, -1).any(dim=1)
+        else:
+            # The largest |value| of each index, compared with 0: several times faster than any() over a
+            # bool copy (NaN stays alive, as with != 0).
+            lead = math.prod(values.shape[: piece.dim])
+            alive = values.reshape(lead, size, -1).abs().amax(dim=(0, 2)).cpu() != 0
+        units = torch.where(piece.unit >= 0, piece.unit, spare)
+        gone.scatter_reduce_(0, units, ~alive, reduce="amin")
+        seen.index_fill_(0, units, True)
+    return (gone & seen)[:spare]

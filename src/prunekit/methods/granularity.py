@@ -17,6 +17,12 @@ name               one unit is                                                  
                    dimension keep the n best (2:4 for sparse tensor cores)
 =================  ==========================================================  ==================
 
+Add a granularity in one file: subclass :class:`Granularity`, say how it groups weights into units
+(:meth:`Granularity.unit_scores`, :meth:`Granularity.expand`), how many units a layer has
+(:meth:`Granularity.num_units`) and, if units are chosen within fixed groups rather than ranked
+against each other (N:M), override :meth:`Granularity.keep_within_groups`; register it by name with
+:func:`register_granularity`.
+
 A unit's score is a norm of its members' scores: the L1 norm (their sum) by default, the L2 norm
 for the ``"l2"`` criterion (the criterion chooses, see :mod:`prunekit.criteria`).
 Sparsity always counts units: 0.5 with ``"out_channel"`` removes half of the filters.
@@ -24,10 +30,12 @@ Sparsity always counts units: 0.5 with ``"out_channel"`` removes half of the fil
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from .targets import Target
+from ..core.targets import Target, check_sparsity
 
 
 class Granularity:
@@ -36,9 +44,29 @@ class Granularity:
     name = "granularity"
     #: Whether pruning a unit also zeroes the layer's bias entry (only when a unit is a whole output).
     prunes_bias = False
+    #: Whether a unit is one weight, in the weight's own order (unit scores are the element scores).
+    is_single_weight = False
+    #: Whether units are chosen within fixed groups of every layer (N:M) instead of ranked against each
+    #: other; such a granularity fixes the sparsity (:attr:`fixed_sparsity`) and overrides
+    #: :meth:`keep_within_groups`, and scopes do not apply to it.
+    selects_within_groups = False
+    #: The sparsity the granularity itself fixes (N:M: 1 − n/m), or None.
+    fixed_sparsity: float | None = None
+    #: Units are whole output channels, which structured pruning couples across layers (with
+    #: ``example_inputs``) and :func:`prunekit.compact` can remove.
+    whole_output_channels = False
 
     def validate(self, target: Target) -> None:
         """Raise ``ValueError`` if this granularity cannot be applied to ``target``."""
+
+    def num_units(self, oik_shape: tuple[int, int, int]) -> int:
+        """How many units a weight of this ``(O, I, K)`` shape has."""
+        return self.unit_scores(torch.zeros(oik_shape), "sum").numel()
+
+    def keep_within_groups(self, scores_oik: torch.Tensor, sparsity: float) -> torch.Tensor:
+        """For granularities that select within groups: the ``(O, I, K)`` keep mask at ``sparsity``
+        (already pruned weights score −inf)."""
+        raise NotImplementedError(f"granularity {self.name!r} ranks units; it does not select within groups")
 
     def unit_scores(self, scores: torch.Tensor, reduce: str) -> torch.Tensor:
         """Reduce element scores ``(O, I, K)`` to one flat score per unit."""
@@ -60,6 +88,10 @@ def _reduce(scores: torch.Tensor, dims: tuple[int, ...], reduce: str) -> torch.T
 
 class Weight(Granularity):
     name = "weight"
+    is_single_weight = True
+
+    def num_units(self, oik_shape):
+        return math.prod(oik_shape)
 
     def unit_scores(self, scores, reduce):
         return scores.reshape(-1)
@@ -70,6 +102,9 @@ class Weight(Granularity):
 
 class Kernel(Granularity):
     name = "kernel"
+
+    def num_units(self, oik_shape):
+        return oik_shape[0] * oik_shape[1]
 
     def unit_scores(self, scores, reduce):
         return _reduce(scores, (2,), reduce).reshape(-1)
@@ -82,6 +117,10 @@ class Kernel(Granularity):
 class OutChannel(Granularity):
     name = "out_channel"
     prunes_bias = True
+    whole_output_channels = True
+
+    def num_units(self, oik_shape):
+        return oik_shape[0]
 
     def unit_scores(self, scores, reduce):
         return _reduce(scores, (1, 2), reduce)
@@ -92,6 +131,9 @@ class OutChannel(Granularity):
 
 class InChannel(Granularity):
     name = "in_channel"
+
+    def num_units(self, oik_shape):
+        return oik_shape[1]
 
     def unit_scores(self, scores, reduce):
         return _reduce(scores, (0, 2), reduce)
@@ -153,9 +195,21 @@ class NM(Granularity):
         self.n, self.m = n, m
         self.name = f"NM({n}, {m})"
 
+    selects_within_groups = True
+
     @property
     def sparsity(self) -> float:
         return 1.0 - self.n / self.m
+
+    @property
+    def fixed_sparsity(self) -> float:
+        return self.sparsity
+
+    def keep_within_groups(self, scores_oik, sparsity):
+        """Prune ⌊sparsity·m⌋ weights of every group (at most m − n): a gradual schedule passes
+        through m−1, m−2, … kept weights per group down to n."""
+        prune_per_group = min(int(math.floor(sparsity * self.m + 1e-9)), self.m - self.n)
+        return self.group_keep(scores_oik, prune_per_group)
 
     def validate(self, target):
         in_dim = target.oik_shape[1]
@@ -193,16 +247,67 @@ GRANULARITIES: dict[str, type[Granularity]] = {
 }
 
 
-def get_granularity(spec: str | Granularity) -> Granularity:
-    """Turn a granularity name or instance into a :class:`Granularity`."""
+def register_granularity(name: str, cls: type[Granularity]) -> type[Granularity]:
+    """Register a :class:`Granularity` subclass (constructible without arguments) as ``granularity="name"``."""
+    if not (isinstance(cls, type) and issubclass(cls, Granularity)):
+        raise TypeError(f"register_granularity takes a pk.Granularity subclass, got {cls!r}")
+    GRANULARITIES[name] = cls
+    return cls
+
+
+def granularity_spec(granularity: Granularity) -> str | dict:
+    """The plain description of a granularity that :func:`get_granularity` reads back: a registered
+    name, ``"n:m"`` for N:M, ``{"block": [h, w]}`` for blocks."""
+    if isinstance(granularity, NM):
+        return f"{granularity.n}:{granularity.m}"
+    if isinstance(granularity, Block):
+        return {"block": [granularity.height, granularity.width]}
+    if GRANULARITIES.get(granularity.name) is type(granularity):
+        return granularity.name
+    raise ValueError(
+        f"granularity {granularity.name!r} is not registered, so it cannot be described by name; "
+        "register it with pk.register_granularity"
+    )
+
+
+def get_granularity(spec: str | dict | Granularity) -> Granularity:
+    """Turn a granularity name (``"weight"``, ..., or ``"2:4"`` for N:M), a dict (``{"block": [h, w]}``,
+    ``{"nm": [n, m]}``) or an instance into a :class:`Granularity`."""
     if isinstance(spec, Granularity):
         return spec
+    if isinstance(spec, dict) and len(spec) == 1:
+        ((kind, sizes),) = spec.items()
+        if kind in ("block", "nm") and isinstance(sizes, (list, tuple)) and len(sizes) == 2:
+            return Block(*sizes) if kind == "block" else NM(*sizes)
+        raise ValueError(f"a granularity given as a dict is {{'block': [h, w]}} or {{'nm': [n, m]}}, got {spec!r}")
     if isinstance(spec, str):
-        try:
-            return GRANULARITIES[spec]()
-        except KeyError:
-            valid = ", ".join(repr(name) for name in GRANULARITIES)
-            raise ValueError(
-                f"unknown granularity {spec!r}; valid names are {valid}, or pass pk.Block(h, w) or pk.NM(n, m)"
-            ) from None
+        cls = GRANULARITIES.get(spec)
+        if cls is not None:
+            return cls()
+        n, colon, m = spec.partition(":")
+        if colon and n.strip().isdigit() and m.strip().isdigit():
+            return NM(int(n), int(m))
+        valid = ", ".join(repr(name) for name in GRANULARITIES)
+        raise ValueError(
+            f"unknown granularity {spec!r}; valid names are {valid}, 'N:M' such as '2:4', or pass pk.Block(h, w) "
+            "or pk.NM(n, m)"
+        )
     raise TypeError(f"granularity must be a name or a prunekit granularity such as pk.NM(2, 4), got {spec!r}")
+
+
+def final_sparsity(sparsity: object, granularity: Granularity) -> float:
+    """The sparsity to prune to: ``sparsity`` checked (a fraction of units in [0, 1)), or the one a
+    granularity such as N:M fixes, which ``sparsity`` may then only repeat."""
+    fixed = granularity.fixed_sparsity
+    if fixed is None:
+        if sparsity is None:
+            raise TypeError("sparsity is required: the fraction of units to prune, e.g. sparsity=0.9")
+        return check_sparsity(sparsity)
+    if sparsity is not None:
+        value = check_sparsity(sparsity)
+        if abs(value - fixed) > 1e-9:
+            raise ValueError(
+                f"{granularity.name} fixes the sparsity at {fixed:g}; leave sparsity out or set it to {fixed:g}, "
+                f"got {sparsity}"
+            )
+    return fixed

@@ -1,5 +1,8 @@
 """Selection: given unit scores, decide exactly which units to prune.
 
+Why this file is long: it is one algorithm (sample, bracket, count, narrow), whose passes share
+small private helpers that mean nothing on their own.
+
 :func:`find_cut` finds where to cut so that exactly ``k`` units are pruned across a list of layers
 (one layer for local scope, many for global scope): the ``k`` lowest scores go, and among equal
 scores the unit that comes first (layer order, then position in the layer) goes first. Every layer
@@ -22,7 +25,7 @@ layer at a time, so the extra memory is one layer's scores plus a small sample:
 
 If the sample misleads (very unlikely) the bracket is narrowed by bisection over the float32 bit
 patterns with counting passes, so memory stays bounded either way. Scores on an accelerator (a GPU),
-up to :data:`DEVICE_SORT_LIMIT` of them, are instead concatenated there and ranked with one
+up to :attr:`Tuning.device_sort_limit` of them, are instead concatenated there and ranked with one
 sort: a GPU has the memory, and a layer-by-layer counting pass would spend its time
 launching small kernels and waiting for their counts. Scores are float32; a unit that
 is already pruned should score −inf.
@@ -30,10 +33,13 @@ is already pruned should score −inf.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import struct
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,19 +53,46 @@ import torch
 #: lets the counting pass use fused ops on x instead of scoring and comparing.
 ScoreFn = Callable[[torch.Tensor | None], torch.Tensor]
 
-#: Up to this many units in all, scores are concatenated (fast; the result is the same).
-SORT_LIMIT = 1 << 22
-#: Up to this many units in all, scores that live on an accelerator are ranked there, concatenated
-#: (1 GiB of float32 at most): one sort beats a counting pass that launches kernels layer by layer.
-DEVICE_SORT_LIMIT = 1 << 28
-#: Scores sampled to bracket the threshold; None grows it with the number of units (see _sample_size).
-SAMPLE_SIZE: int | None = None
-#: From this many units on, _select scans 8 flags at a time (below, fewer calls win).
-SELECT_BY_WORDS_FROM = 1 << 16
-#: Half-width of the sampled bracket in standard deviations of the sample rank.
-BRACKET_SIGMAS = 6.0
-#: Candidate scores held at once in pass 2 (4 bytes each).
-CANDIDATE_LIMIT = 1 << 24
+
+@dataclass(frozen=True)
+class Tuning:
+    """Knobs of the selection algorithm; they change its speed and memory, never its result.
+
+    Attributes:
+        sort_limit: up to this many units in all, scores are concatenated and sorted (fast; the
+            result is the same as the counting passes').
+        device_sort_limit: up to this many units in all, scores that live on an accelerator are ranked
+            there, concatenated (1 GiB of float32 at most): one sort beats a counting pass that
+            launches kernels layer by layer.
+        sample_size: scores sampled to bracket the threshold; None grows it with the number of units.
+        select_by_words_from: from this many units on, selection scans 8 flags at a time.
+        bracket_sigmas: half-width of the sampled bracket in standard deviations of the sample rank.
+        candidate_limit: candidate scores held at once in the second pass (4 bytes each).
+    """
+
+    sort_limit: int = 1 << 22
+    device_sort_limit: int = 1 << 28
+    sample_size: int | None = None
+    select_by_words_from: int = 1 << 16
+    bracket_sigmas: float = 6.0
+    candidate_limit: int = 1 << 24
+
+
+# Tuning is frozen, so one shared default is safe.
+_TUNING: contextvars.ContextVar[Tuning] = contextvars.ContextVar("prunekit_selection_tuning", default=Tuning())  # noqa: B039
+
+
+@contextmanager
+def tuned(**changes: Any) -> Iterator[Tuning]:
+    """Run the enclosed selections with some :class:`Tuning` fields changed, e.g.
+    ``with tuned(sort_limit=0): ...`` forces the counting passes (tests use it to compare paths)."""
+    token = _TUNING.set(replace(_TUNING.get(), **changes))
+    try:
+        yield _TUNING.get()
+    finally:
+        _TUNING.reset(token)
+
+
 _LARGEST = struct.unpack("<f", struct.pack("<i", 0x7F7FFFFF))[0]  # the largest finite float32
 
 
@@ -190,8 +223,8 @@ def find_cut(score_fns: Sequence[ScoreFn], sizes: Sequence[int], k: int, min_kep
     if k == 0:
         return Cut(-math.inf, [0] * len(sizes), protected)
     devices = {getattr(fn, "device", torch.device("cpu")) for fn in score_fns}
-    on_device = len(devices) == 1 and next(iter(devices)).type != "cpu" and total <= DEVICE_SORT_LIMIT
-    if total <= SORT_LIMIT or on_device:
+    on_device = len(devices) == 1 and next(iter(devices)).type != "cpu" and total <= _TUNING.get().device_sort_limit
+    if total <= _TUNING.get().sort_limit or on_device:
         scratch = None
         home = next(iter(devices)) if on_device else torch.device("cpu")
         everything = [fn(None).reshape(-1).float().to(home).clone() for fn in score_fns]
@@ -260,8 +293,9 @@ def _cut_between_neighbours(fns, scratch, k, lo, hi, protected) -> tuple[Cut, li
 
 
 def _sample_size(total: int) -> int:
-    if SAMPLE_SIZE is not None:
-        return min(SAMPLE_SIZE, total)
+    sample_size = _TUNING.get().sample_size
+    if sample_size is not None:
+        return min(sample_size, total)
     # Sampled in runs, a unit costs a few ns, so 2% of the units cost a fraction of one pass over
     # them, while a larger sample narrows the bracket, which makes the counting pass cheaper (_select).
     return int(min(max(total // 50, 1 << 14), 1 << 20, total))
@@ -288,14 +322,14 @@ def _sample(score_fns, sizes, scratch) -> tuple[torch.Tensor, torch.Tensor, torc
                 picked.append(fn.runs(starts, length).float().cpu())
             else:
                 scores = fn(scratch).reshape(-1)
-                picked.append(_runs_of(scores, starts, length).float().cpu())
+                picked.append(runs_of(scores, starts, length).float().cpu())
             runs.append(torch.arange(n_runs, n_runs + count).repeat_interleave(length))
             layers.append(torch.full((count,), layer))
             n_runs += count
     return torch.cat(picked), torch.cat(runs), torch.cat(layers)
 
 
-def _runs_of(values: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+def runs_of(values: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
     """``values[start : start + length]`` for each start, one after the other: rows of the sliding-window
     view, each copied whole (index_select copies rows ten times faster than indexing with [])."""
     return values.unfold(0, length, 1).index_select(0, starts.to(values.device)).reshape(-1)
@@ -338,7 +372,7 @@ def _sample_bracket(sample: torch.Tensor, runs: torch.Tensor, layers: torch.Tens
     # A layer with a single run says nothing about its spread: count its units as independent.
     single = torch.bincount(layers, weights=x, minlength=m.numel()) * (q * (1.0 - q))
     variance = torch.where(m > 1, squares * m / (m - 1).clamp_min(1), single)
-    margin = BRACKET_SIGMAS * math.sqrt(float(variance.sum())) + 8.0
+    margin = _TUNING.get().bracket_sigmas * math.sqrt(float(variance.sum())) + 8.0
     lo_rank, hi_rank = math.floor(rank - margin), math.ceil(rank + margin)
     lo = _kth_of_side(order, 0, middle, lo_rank) if lo_rank >= 0 else -math.inf
     hi = _kth_of_side(order, middle + 1, n, hi_rank) if hi_rank < n else math.inf
@@ -372,7 +406,7 @@ def _bracket_pass(fns, scratch, lo: float, hi: float, protected) -> _Ranking | N
             continue
         values = _select(scores, in_bracket)
         n_inside += values.numel()
-        if n_inside > CANDIDATE_LIMIT:
+        if n_inside > _TUNING.get().candidate_limit:
             inside = None
             continue
         inside.append((values.abs() if absolute else values).float().cpu())
@@ -397,7 +431,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     """``mask.nonzero().squeeze(1)`` for a sparse flat bool ``mask``, 8 flags at a time (see _select)."""
     n = mask.numel()
     whole = n - n % 8
-    if n < SELECT_BY_WORDS_FROM or mask.storage_offset() % 8 or not mask.is_contiguous():
+    if n < _TUNING.get().select_by_words_from or mask.storage_offset() % 8 or not mask.is_contiguous():
         return mask.nonzero().squeeze(1)
     words = mask[:whole].view(torch.int64).nonzero().squeeze(1)
     flags = mask[:whole].view(-1, 8).index_select(0, words).reshape(-1)
@@ -411,7 +445,12 @@ def _select(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     then looks inside the few words that have any flag set."""
     n = mask.numel()
     whole = n - n % 8
-    if n < SELECT_BY_WORDS_FROM or mask.storage_offset() % 8 or not mask.is_contiguous() or not values.is_contiguous():
+    if (
+        n < _TUNING.get().select_by_words_from
+        or mask.storage_offset() % 8
+        or not mask.is_contiguous()
+        or not values.is_contiguous()
+    ):
         return values[mask]
     words = mask[:whole].view(torch.int64).nonzero().squeeze(1)
     flags = mask[:whole].view(-1, 8).index_select(0, words).reshape(-1)
@@ -445,7 +484,7 @@ def _narrow(fns, scratch, k, lo, hi, protected):
         return sum(_count(predicate(fn(scratch).reshape(-1)), p) for fn, p in zip(fns, protected))
 
     lo_key, hi_key = _float_key(lo), _float_key(hi)
-    while hi_key - lo_key > 1 and count(lambda s, lo=lo, hi=hi: (s >= lo) & (s <= hi)) > CANDIDATE_LIMIT:
+    while hi_key - lo_key > 1 and count(lambda s, lo=lo, hi=hi: (s >= lo) & (s <= hi)) > _TUNING.get().candidate_limit:
         mid = _key_float((lo_key + hi_key) // 2)
         if count(lambda s, mid=mid: s <= mid) >= k:
             hi, hi_key = mid, _float_key(mid)

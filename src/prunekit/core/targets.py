@@ -19,51 +19,40 @@ transposed into that view.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+from .layers import LayerHandler, handler_for, is_hf_conv1d
+
+__all__ = ["LayerSelector", "Target", "check_sparsity", "find_targets", "is_hf_conv1d", "name_matches"]
 
 LayerSelector = type | str
 
-
-#: The projection weights of nn.MultiheadAttention, with the bias that goes with each.
-_ATTENTION_WEIGHTS = {
-    "in_proj_weight": "in_proj_bias",
-    "q_proj_weight": None,
-    "k_proj_weight": None,
-    "v_proj_weight": None,
-}
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2's projections): a Linear whose weight is stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+#: The handler of a type named in ``include=`` that the layer registry does not know: its ``weight``.
+_INCLUDED_TYPE = LayerHandler(default_target=False)
 
 
 @dataclass(eq=False)
 class Target:
-    """One prunable weight: ``module.<param_name>`` where ``module`` is called ``name`` in the model."""
+    """One prunable weight: ``module.<param_name>`` where ``module`` is called ``name`` in the model.
+    ``handler`` is the module's :class:`~prunekit.core.layers.LayerHandler`."""
 
     name: str
     module: nn.Module
     param_name: str = "weight"
+    handler: LayerHandler = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.handler is None:
+            self.handler = handler_for(self.module) or _INCLUDED_TYPE
 
     @property
-    def param(self) -> nn.Parameter:
+    def param(self) -> torch.Tensor:
         return getattr(self.module, self.param_name)
 
     @property
@@ -77,17 +66,14 @@ class Target:
     @property
     def transposed(self) -> bool:
         """True when the weight is stored (in, out, ...): ConvTranspose and Hugging Face's Conv1D."""
-        return isinstance(self.module, _TRANSPOSED) or is_hf_conv1d(self.module)
+        return self.handler.transposed
 
     @property
     def oik_shape(self) -> tuple[int, int, int]:
         """(output units, input units, kernel positions) of the weight."""
         shape = self.param.shape
         out_dim, in_dim = (shape[1], shape[0]) if self.transposed else (shape[0], shape[1])
-        kernel = 1
-        for size in shape[2:]:
-            kernel *= size
-        return out_dim, in_dim, kernel
+        return out_dim, in_dim, math.prod(shape[2:])
 
     def to_oik(self, tensor: torch.Tensor) -> torch.Tensor:
         """View a tensor of the weight's shape as (O, I, K)."""
@@ -102,10 +88,14 @@ class Target:
             return tensor.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1).contiguous()
         return tensor.reshape(shape)
 
+    def scoring_weight(self) -> torch.Tensor:
+        """The float values criteria score (the weight itself, or a quantized layer's real values)."""
+        return self.handler.scoring_weight(self.module, self.param_name)
+
     @property
     def bias_name(self) -> str | None:
         """The name of the bias that belongs to this weight's outputs (None if it has none)."""
-        return _ATTENTION_WEIGHTS.get(self.param_name) if self.param_name in _ATTENTION_WEIGHTS else "bias"
+        return self.handler.bias_name(self.param_name)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -123,17 +113,22 @@ def name_matches(pattern: str, module_name: str) -> bool:
     return any(re.fullmatch(pattern, candidate) for candidate in _names_with_parents(module_name))
 
 
-def _matches(selector: LayerSelector, name: str, module: nn.Module) -> bool:
+def selector_matches(selector: LayerSelector, name: str, module: nn.Module) -> bool:
     if isinstance(selector, type):
         return isinstance(module, selector)
     return name_matches(selector, name)
 
 
-def _as_list(selectors: LayerSelector | Iterable[LayerSelector] | None, what: str) -> list[LayerSelector]:
+def selector_list(selectors: LayerSelector | Iterable[LayerSelector] | None, what: str) -> list[LayerSelector]:
     if selectors is None:
         return []
     if isinstance(selectors, (str, type)):
         selectors = [selectors]
+    if not isinstance(selectors, Iterable):  # reliability (issue 10, defect 13): say what it takes
+        raise TypeError(
+            f"{what} takes a module type, a name pattern (str) or a list of them, e.g. {what}=['features', nn.Linear]; "
+            f"got {selectors!r} of type {type(selectors).__name__}"
+        )
     items = list(selectors)
     for item in items:
         if not isinstance(item, (str, type)):
@@ -148,17 +143,16 @@ def _as_list(selectors: LayerSelector | Iterable[LayerSelector] | None, what: st
     return items
 
 
-def _prunable_weights(module: nn.Module, allowed_types: tuple[type, ...]) -> list[str]:
-    """Names of the module's own weights that are pruning targets (none if it is not a targeted type)."""
-    if isinstance(module, nn.MultiheadAttention):
-        names = list(_ATTENTION_WEIGHTS)
-    elif isinstance(module, allowed_types) or is_hf_conv1d(module):
-        names = ["weight"]
-    else:
-        return []
-    return [
-        n for n in names if isinstance(module._parameters.get(n), nn.Parameter) and module._parameters[n].dim() >= 2
-    ]
+def _prunable_weights(module: nn.Module, included_types: tuple[type, ...]) -> tuple[LayerHandler | None, list[str]]:
+    """The module's handler and the names of its own weights that are pruning targets (none if it is
+    not a targeted kind: registered with ``default_target``, or a type named in ``include``)."""
+    handler = handler_for(module)
+    included = isinstance(module, included_types)
+    if handler is None:
+        handler = _INCLUDED_TYPE if included else None
+    if handler is None or not (handler.default_target or included):
+        return handler, []
+    return handler, handler.prunable_weights(module)
 
 
 def find_targets(
@@ -168,45 +162,61 @@ def find_targets(
 ) -> list[Target]:
     """List the weights to prune, in module order.
 
-    Raises ``ValueError`` when an ``include``/``exclude`` entry matches no prunable layer (a typo would
-    otherwise silently prune everything or nothing) and when nothing is left to prune.
+    Raises ``ValueError`` when an ``include`` entry matches no prunable layer or an ``exclude`` entry
+    matches no module at all (a typo would otherwise silently prune everything or nothing), and when
+    nothing is left to prune. An ``exclude`` entry may name any module (an LSTM that structured pruning
+    must leave whole, say), since excluding a module also keeps it out of structured pruning.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    includes = _as_list(include, "include")
-    excludes = _as_list(exclude, "exclude")
-    allowed_types = DEFAULT_TYPES + tuple(item for item in includes if isinstance(item, type))
+    includes = selector_list(include, "include")
+    excludes = selector_list(exclude, "exclude")
+    included_types = tuple(item for item in includes if isinstance(item, type))
 
-    candidates = [(name, module) for name, module in model.named_modules() if _prunable_weights(module, allowed_types)]
-    for selector, what in [(s, "include") for s in includes] + [(s, "exclude") for s in excludes]:
-        if not any(_matches(selector, name, module) for name, module in candidates):
-            shown = selector.__name__ if isinstance(selector, type) else repr(selector)
+    candidates = []
+    for name, module in model.named_modules():
+        handler, weights = _prunable_weights(module, included_types)
+        if weights:
+            candidates.append((name, module, handler, weights))
+    for selector in includes:
+        if not any(selector_matches(selector, name, module) for name, module, _, _ in candidates):
             raise ValueError(
-                f"{what} entry {shown} matches no prunable layer (prunable layers: "
-                f"{_preview(name for name, _ in candidates)}); fix or remove it"
+                f"include entry {_shown(selector)} matches no prunable layer (prunable layers: "
+                f"{preview_names(name for name, *_ in candidates)}); fix or remove it"
+            )
+    for selector in excludes:
+        if not any(selector_matches(selector, name, module) for name, module in model.named_modules()):
+            raise ValueError(
+                f"exclude entry {_shown(selector)} matches no module of the model (prunable layers: "
+                f"{preview_names(name for name, *_ in candidates)}); fix or remove it"
             )
 
     targets, seen = [], set()
-    for name, module in candidates:
-        if includes and not any(_matches(s, name, module) for s in includes):
+    for name, module, handler, weights in candidates:
+        if includes and not any(selector_matches(s, name, module) for s in includes):
             continue
-        if any(_matches(s, name, module) for s in excludes):
+        if any(selector_matches(s, name, module) for s in excludes):
             continue
-        for param_name in _prunable_weights(module, allowed_types):
-            weight = module._parameters[param_name]
+        for param_name in weights:
+            weight = getattr(module, param_name)
             if id(weight) in seen:  # a weight shared by several modules (tied weights) is one target
                 continue
             seen.add(id(weight))
-            targets.append(Target(name, module, param_name))
+            targets.append(Target(name, module, param_name, handler))
     if not targets:
         raise ValueError(
             "nothing to prune: the model has no Linear/Conv layer left after include/exclude "
-            "(name other layer types in include=, e.g. include=[nn.Embedding])"
+            "(name other layer types in include=, e.g. include=[nn.Embedding], or register yours with "
+            "pk.register_layer)"
         )
     return targets
 
 
-def _preview(names: Iterable[str], limit: int = 8) -> str:
+def _shown(selector: LayerSelector) -> str:
+    return selector.__name__ if isinstance(selector, type) else repr(selector)
+
+
+def preview_names(names: Iterable[str], limit: int = 8) -> str:
     names = [n or "<root>" for n in names]
     shown = ", ".join(names[:limit])
     return shown + (f", … ({len(names)} in all)" if len(names) > limit else "") if names else "none"
@@ -220,13 +230,18 @@ def resolve_layer_sparsity(targets: list[Target], overrides: Mapping[str, float]
         raise TypeError("layer_sparsity takes a dict {name pattern: sparsity}")
     resolved: dict[str, float] = {}
     for pattern, value in overrides.items():
-        _as_list(pattern, "layer_sparsity")
+        if not isinstance(pattern, str):  # reliability (issue 10, defect 13): keys are name patterns
+            raise TypeError(
+                f"layer_sparsity keys are layer name patterns (str), e.g. {{'{pattern}': {value!r}}}; "
+                f"got {pattern!r} of type {type(pattern).__name__}"
+            )
+        selector_list(pattern, "layer_sparsity")
         check_sparsity(value, f"layer_sparsity[{pattern!r}]")
         matched = [t for t in targets if name_matches(pattern, t.name)]
         if not matched:
             raise ValueError(
                 f"layer_sparsity pattern {pattern!r} matches no pruned layer "
-                f"(pruned layers: {_preview(t.name for t in targets)})"
+                f"(pruned layers: {preview_names(t.name for t in targets)})"
             )
         for target in matched:
             resolved.setdefault(target.name, float(value))
