@@ -413,4 +413,4 @@ def test_refit_lifts_the_real_minilm_well_above_magnitude_scored_heads_and_neuro
         small = pk.compact(model, example_inputs=calib[0])
         removed = 1 - sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in dense.parameters())
         assert 0.15 <= removed < 0.17
-    assert cosines["wanda"] > cosines["magnitude"] + 0.05, cosines  # measured here: 0.737 vs 0.649
+    assert cosines["wanda"] > cosines["magnitude"] + 0.05, cosines  # measured with damp=0.01: 0.737 vs 0.649
