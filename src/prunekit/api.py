@@ -10,16 +10,31 @@ from typing import Any
 
 from torch import nn
 
+from .methods.granularity import get_granularity
 from .oneshot import api as oneshot
+from .oneshot.structured import prune_structured_with_calibration
 from .pruner import Pruner
+
+
+def wants_structured_calibration(options: dict[str, Any]) -> bool:
+    """Structured pruning from calibration data: ``reconstruct=`` given, or whole output channels with
+    ``calibration=`` (handed to :func:`prunekit.oneshot.prune_structured_with_calibration`)."""
+    granularity = options.get("granularity", "weight")
+    try:
+        whole_channels = get_granularity(granularity).whole_output_channels
+    except (TypeError, ValueError):
+        return False  # the Pruner says what is wrong with it
+    return "reconstruct" in options or (whole_channels and options.get("calibration") is not None)
 
 
 def prune(model: nn.Module, sparsity: float | None = None, **options: Any) -> Pruner:
     """Prune ``model`` once, now, and return the :class:`Pruner` holding its masks.
 
-    Takes the same arguments as :class:`Pruner` (except ``schedule``), and for calibrated methods
-    (``criterion="wanda"`` / ``"sparsegpt"``, ``layer_sparsity="owl"``) those of
-    :func:`prunekit.oneshot.prune_with_calibration` (``calibration=``, ``blocks=``, ...). Keep the
+    Takes the same arguments as :class:`Pruner` (except ``schedule``); for calibrated unstructured and
+    N:M methods (``criterion="wanda"`` / ``"sparsegpt"``, ``layer_sparsity="owl"``) those of
+    :func:`prunekit.oneshot.prune_with_calibration` (``calibration=``, ``blocks=``, ...), and for
+    structured pruning from calibration data (``granularity="out_channel"`` with ``calibration=``,
+    ``reconstruct=True``) those of :func:`prunekit.oneshot.prune_structured_with_calibration`. Keep the
     returned pruner to fine-tune with the masks enforced (call ``pruner.step()`` after each optimizer
     step, or attach the optimizer), or call ``pruner.remove()`` for a plain model.
 
@@ -30,6 +45,9 @@ def prune(model: nn.Module, sparsity: float | None = None, **options: Any) -> Pr
     """
     if "schedule" in options:
         raise TypeError("pk.prune prunes once, now; for a schedule use pk.Pruner(..., schedule=...)")
+    if wants_structured_calibration(options):
+        # pk.prune's own default granularity, so that reconstruct=True alone is refused for it
+        return prune_structured_with_calibration(model, sparsity, **{"granularity": "weight", **options})
     if oneshot.wants_calibration(options):
         plan = oneshot.plan_calibrated(model, sparsity, **options)  # validates everything, touches nothing
         pruner = Pruner(model, **oneshot.pruner_options(plan, options))  # adopts the masks stored below
