@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import traceback
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -30,6 +31,13 @@ from . import hf
 from . import masks as mask_store
 from .attention import shrink_multihead_attention
 from .structure.dependencies import ChannelDependencies, call_model, trace_with_output
+from .structure.heads import (  # noqa: F401  (attention_head_counts, projection_width: used by hf)
+    HEAD_COUNT_ATTRIBUTES,
+    HEADS_WIDTH_ATTRIBUTES,
+    KV_HEAD_COUNT_ATTRIBUTES,
+    attention_head_counts,
+    projection_width,
+)
 from .structure.registry import module_rule
 from .structure.trace import tensor_leaves
 from .targets import LayerSelector, is_hf_conv1d
@@ -95,10 +103,12 @@ def compact(
         try:
             result = _run(small, example_inputs)
         except Exception as error:
+            module_name, line = failure_site(small, error)
             raise CompactionError(
-                f"the compacted model fails on the example inputs ({type(error).__name__}: {error}). "
-                "Its forward probably uses a channel count or index written as a constant (e.g. x[:, :64] or "
-                "x.view(n, 512)); exclude the module doing it (exclude=[...]) so its channels stay"
+                f"the compacted model fails on the example inputs in module {module_name!r}, at `{line}` "
+                f"({type(error).__name__}: {error}). Its forward probably uses a channel or head count or an "
+                "index written as a constant (e.g. x[:, :64], x.view(n, 512) or self.num_heads); exclude that "
+                f"module (exclude=[{module_name!r}]) so its channels stay"
             ) from error
         try:
             _check(reference, result, tolerance)
@@ -109,6 +119,24 @@ def compact(
             # float64 is a real one (deep, randomly initialised nets can have outputs ~1e-6 in scale).
             _check(_run_double(model, example_inputs), _run_double(small, example_inputs), tolerance)
     return small
+
+
+def failure_site(model: nn.Module, error: BaseException) -> tuple[str, str]:
+    """(name of the innermost module of ``model`` whose forward raised ``error``, the source line there
+    that raised it); ``"<the model's own forward>"`` and the last line for errors outside any submodule."""
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    found, line = None, "?"
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            found = names[id(owner)]
+    frames = traceback.extract_tb(error.__traceback__)
+    # The last line of the model's own code: frames below it are torch's.
+    for summary in reversed(frames):
+        if "/torch/" not in summary.filename.replace("\\", "/"):
+            line = (summary.line or "?").strip()
+            break
+    return (found or "<the model's own forward>"), line
 
 
 def _run_double(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
@@ -265,54 +293,6 @@ def update_shape_attributes(module: nn.Module) -> None:
         module.nf = weight.shape[1]  # Hugging Face's GPT-2 Conv1D: weight stored (in, out)
 
 
-_HEAD_DIM = ("head_dim", "key_value_proj_dim", "attention_head_size", "d_kv", "dim_head")
-_HEAD_COUNT = ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads")
-_KV_HEAD_COUNT = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
-_HEADS_WIDTH = ("all_head_size", "inner_dim", "attn_dim")
-_QUERY = ("q_proj", "q", "query", "q_lin", "to_q", "q_attn")
-_KEY = ("k_proj", "k", "key", "k_lin", "to_k")
-
-
-def projection_width(layer: Any) -> int | None:
-    """Output width of a projection: an ``nn.Linear``, or Hugging Face's ``Conv1D`` (GPT-2), whose weight
-    is stored (in, out)."""
-    if isinstance(layer, nn.Linear):
-        return layer.out_features
-    if is_hf_conv1d(layer) and isinstance(getattr(layer, "weight", None), torch.Tensor):
-        return layer.weight.shape[1]
-    return None
-
-
-def attention_head_counts(module: nn.Module) -> tuple[int, int | None, int] | None:
-    """``(query heads, key/value heads or None, head size)`` of an attention module written in the
-    Hugging Face / timm style (a head-size attribute next to query/key projections, or one fused
-    projection computing q, k and v), counted from its projections' current widths; None for any
-    other module."""
-    head_dim = next((getattr(module, a) for a in _HEAD_DIM if isinstance(getattr(module, a, None), int)), None)
-    if not head_dim:
-        return None
-    query = next((getattr(module, n) for n in _QUERY if projection_width(getattr(module, n, None))), None)
-    key = next((getattr(module, n) for n in _KEY if projection_width(getattr(module, n, None))), None)
-    fused = getattr(module, "qkv", None) or getattr(module, "c_attn", None)  # timm's qkv, GPT-2's c_attn
-    fused_width = projection_width(fused)
-    if query is not None:
-        width = projection_width(query)
-    elif fused_width:
-        width = fused_width // 3
-    else:
-        return None
-    if width % head_dim:
-        return None
-    if key is not None:
-        key_width = projection_width(key)
-    elif fused_width and query is not None:
-        key_width = fused_width // 2  # GPT-2 cross-attention: q_attn makes q, c_attn makes k and v
-    else:
-        key_width = None
-    kv_heads = key_width // head_dim if key_width and key_width % head_dim == 0 else None
-    return width // head_dim, kv_heads, head_dim
-
-
 def update_attention_attributes(module: nn.Module) -> None:
     """Attention modules written in the Hugging Face / timm style keep their head counts in attributes
     next to a fixed head size: recount them from the query and key projections after heads were removed.
@@ -328,16 +308,16 @@ def update_attention_attributes(module: nn.Module) -> None:
         return
     heads, kv_heads, head_dim = counts
     width = heads * head_dim
-    for name in _HEAD_COUNT:
+    for name in HEAD_COUNT_ATTRIBUTES:
         if isinstance(getattr(module, name, None), int) and not isinstance(getattr(module, name), bool):
             setattr(module, name, heads)
-    for name in _HEADS_WIDTH:
+    for name in HEADS_WIDTH_ATTRIBUTES:
         if isinstance(getattr(module, name, None), int):
             setattr(module, name, width)
     if isinstance(getattr(module, "split_size", None), int):
         module.split_size = width
     if kv_heads:
-        for name in _KV_HEAD_COUNT:
+        for name in KV_HEAD_COUNT_ATTRIBUTES:
             if isinstance(getattr(module, name, None), int):
                 setattr(module, name, kv_heads)
         if isinstance(getattr(module, "num_key_value_groups", None), int) and heads % kv_heads == 0:
