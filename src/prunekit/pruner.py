@@ -20,6 +20,7 @@ from torch import nn
 from .assembly import assemble
 from .core import masks as mask_store
 from .core.config import StructuredOptions
+from .core.distributed import unwrap_data_parallel
 from .core.targets import LayerSelector, Target
 from .core.validation import check_finite, check_whole
 from .engines.calibration import collect_statistics
@@ -40,7 +41,11 @@ class Pruner:
 
     Args:
         model: any ``nn.Module``; its Linear and Conv weights are pruned unless ``include``/``exclude``
-            say otherwise (other layer types: :func:`prunekit.register_layer`).
+            say otherwise (other layer types: :func:`prunekit.register_layer`). A
+            ``DistributedDataParallel`` (or ``DataParallel``) model is unwrapped: the pruner prunes its
+            ``.module``, layer names carry no ``module.`` prefix, and under ``torch.distributed``
+            data-dependent scores are summed over the ranks so every rank gets the same masks
+            (:mod:`prunekit.core.distributed`).
         sparsity: final fraction of units to prune, in [0, 1) (0.9 = 90%). Not needed with ``pk.NM``.
         criterion: ``"magnitude"`` (L1), ``"l2"``, ``"gradient"``, ``"movement"``, ``"random"``, any name
             registered with :func:`prunekit.register_criterion`, a :class:`~prunekit.Criterion` or a
@@ -104,6 +109,7 @@ class Pruner:
         max_fan_in: int | AccumulatorBudget | None = None,
         constraints: Sequence[Constraint] = (),
     ):
+        model = unwrap_data_parallel(model)  # DDP / DataParallel: prune the inner module (names without "module.")
         parts = assemble(
             model, sparsity, criterion=criterion, granularity=granularity, scope=scope, schedule=schedule,
             layer_sparsity=layer_sparsity, include=include, exclude=exclude, min_kept=min_kept,
