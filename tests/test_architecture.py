@@ -17,9 +17,9 @@ LAYERS = [
     ("structure", ["prunekit.structure"]),
     ("engines", ["prunekit.engines"]),
     ("reporting", ["prunekit.summary", "prunekit.attention"]),
-    ("pruner", ["prunekit.pruner", "prunekit.assembly"]),
+    ("pruner", ["prunekit.pruner", "prunekit.assembly", "prunekit.recipes"]),
     ("above the pruner", ["prunekit.compact", "prunekit.oneshot", "prunekit.export", "prunekit.sparse"]),
-    ("integrations", ["prunekit.hf", "prunekit.integrations", "prunekit.recipes"]),
+    ("integrations", ["prunekit.hf", "prunekit.integrations"]),
     ("tools", ["prunekit.bench", "prunekit.data", "prunekit.demo", "prunekit.cli", "prunekit.__main__"]),
 ]
 #: Files allowed past ~400 lines, each with its reason stated at its top.

@@ -41,6 +41,7 @@ from .methods.criteria import (
 from .methods.granularity import NM, Block, Granularity, register_granularity
 from .methods.schedules import Gradual, Iterative, OneShot, Schedule, epochs_to_steps
 from .pruner import Pruner, prune
+from .recipes import Recipe, RecipeError, load_recipe
 from .structure import ChannelDependencies, UnsupportedOperationError, trace_dependencies
 from .summary import LayerStats, Summary, summary
 
@@ -81,6 +82,8 @@ __all__ = [
     "Pruner",
     "PruningConfig",
     "Random",
+    "Recipe",
+    "RecipeError",
     "Schedule",
     "StructuredOptions",
     "Summary",
@@ -94,6 +97,7 @@ __all__ = [
     "from_pretrained",
     "hf",
     "keep_best_per_row",
+    "load_recipe",
     "load_pruned",
     "masked_parameters",
     "prune",

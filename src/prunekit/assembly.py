@@ -23,7 +23,7 @@ from .fhe.budget import AccumulatorBudget
 from .fhe.fan_in import FanInConstraint
 from .methods.constraints import Constraint
 from .methods.criteria import Criterion, get_criterion
-from .methods.granularity import Granularity, final_sparsity, get_granularity
+from .methods.granularity import Granularity, final_sparsity, get_granularity, granularity_spec
 from .methods.schedules import OneShot, Schedule, schedule_to_dict
 from .structure.cost import UnitCosts
 from .structure.dependencies import ChannelDependencies, trace_dependencies
@@ -135,7 +135,7 @@ def assemble(
     config = PruningConfig(
         sparsity=sparsity_target,
         criterion=criterion.name,
-        granularity=granularity.name,
+        granularity=_granularity_description(granularity),
         scope=scope,
         schedule=schedule_to_dict(schedule),
         layer_sparsity=None if not layer_sparsity else {str(k): float(v) for k, v in layer_sparsity.items()},
@@ -144,12 +144,20 @@ def assemble(
         min_kept=min_kept,
         structured=structured,
         seed=seed,
+        mask_gradients=bool(mask_gradients),
         max_fan_in=None if max_fan_in is None else max_fan_in if isinstance(max_fan_in, int) else repr(max_fan_in),
     )
     return Parts(
         granularity, criterion, scope, schedule, sparsity_target, min_kept, targets, constraints, dependencies,
         engine, enforcer, maskable, config, optimizer,
     )  # fmt: skip
+
+
+def _granularity_description(granularity: Granularity) -> str | dict:
+    try:
+        return granularity_spec(granularity)
+    except ValueError:  # not registered: its name still tells configurations apart
+        return granularity.name
 
 
 def _check_criterion_inputs(criterion: Criterion, targets: list[Target], calibration: Iterable | None) -> None:

@@ -31,6 +31,7 @@ from .methods.constraints import Constraint
 from .methods.criteria import Criterion
 from .methods.granularity import Granularity, final_sparsity
 from .methods.schedules import Schedule
+from .recipes import config_to_recipe, load_recipe
 from .structure.cost import UnitCosts
 from .structure.units import removed_units
 from .summary import weight_applications
@@ -136,6 +137,22 @@ class Pruner:
         self._handles = self.criterion.observe(self.targets)
         if parts.optimizer is not None:
             self.attach_optimizer(parts.optimizer)
+
+    # ------------------------------------------------------------------ recipes
+
+    @classmethod
+    def from_recipe(cls, model: nn.Module, recipe: Any, **overrides: Any) -> Pruner:
+        """Build a pruner from a recipe (a YAML file, YAML text or a dict of pruner arguments; see
+        :mod:`prunekit.recipes`); ``overrides`` are more keyword arguments (``optimizer=``,
+        ``example_inputs=``, ...) or replace the recipe's values."""
+        arguments = load_recipe(recipe).pruner_arguments()
+        arguments.update(overrides)
+        sparsity = arguments.pop("sparsity", None)
+        return cls(model, sparsity, **arguments)
+
+    def to_recipe(self) -> str:
+        """This pruner's configuration as recipe YAML; :meth:`from_recipe` on it builds the same pruner."""
+        return config_to_recipe(self.config).to_yaml()
 
     # ------------------------------------------------------------------ masks
 

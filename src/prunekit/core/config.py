@@ -86,7 +86,7 @@ class PruningConfig:
 
     sparsity: float
     criterion: str = "magnitude"
-    granularity: str = "weight"
+    granularity: str | dict[str, list[int]] = "weight"
     scope: str = "local"
     schedule: dict[str, Any] = field(default_factory=lambda: {"one_shot": {"at": 0}})
     layer_sparsity: dict[str, float] | str | None = None
@@ -96,6 +96,10 @@ class PruningConfig:
     structured: StructuredOptions = field(default_factory=StructuredOptions)
     max_fan_in: int | str | None = None
     seed: int | None = None
+    mask_gradients: bool = False
+
+    #: Fields that change how masks are enforced, not which masks: a saved state loads across them.
+    RUNTIME_FIELDS = ("mask_gradients",)
 
     def __post_init__(self):
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or math.isnan(self.sparsity):
@@ -121,6 +125,8 @@ class PruningConfig:
         mine, theirs = self.to_dict(), other.to_dict()
         found = []
         for key in mine:
+            if key in self.RUNTIME_FIELDS:
+                continue
             if key == "structured":
                 for option, value in mine[key].items():
                     if theirs[key].get(option) != value:
@@ -140,8 +146,13 @@ def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return dict(data)
 
 
+#: How a configuration names a module type given in include/exclude (patterns stay as they are).
+TYPE_PREFIX = "type:"
+
+
 def selector_name(selector: object) -> str:
-    """A module type by its qualified name (``torch.nn.modules.sparse.Embedding``), a pattern as itself."""
+    """A module type as ``type:<qualified name>`` (``type:torch.nn.modules.sparse.Embedding``), a name
+    pattern as itself."""
     if isinstance(selector, type):
-        return f"{selector.__module__}.{selector.__qualname__}"
+        return f"{TYPE_PREFIX}{selector.__module__}.{selector.__qualname__}"
     return str(selector)

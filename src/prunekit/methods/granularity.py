@@ -255,10 +255,31 @@ def register_granularity(name: str, cls: type[Granularity]) -> type[Granularity]
     return cls
 
 
-def get_granularity(spec: str | Granularity) -> Granularity:
-    """Turn a granularity name (``"weight"``, ..., or ``"2:4"`` for N:M) or instance into a :class:`Granularity`."""
+def granularity_spec(granularity: Granularity) -> str | dict:
+    """The plain description of a granularity that :func:`get_granularity` reads back: a registered
+    name, ``"n:m"`` for N:M, ``{"block": [h, w]}`` for blocks."""
+    if isinstance(granularity, NM):
+        return f"{granularity.n}:{granularity.m}"
+    if isinstance(granularity, Block):
+        return {"block": [granularity.height, granularity.width]}
+    if GRANULARITIES.get(granularity.name) is type(granularity):
+        return granularity.name
+    raise ValueError(
+        f"granularity {granularity.name!r} is not registered, so it cannot be described by name; "
+        "register it with pk.register_granularity"
+    )
+
+
+def get_granularity(spec: str | dict | Granularity) -> Granularity:
+    """Turn a granularity name (``"weight"``, ..., or ``"2:4"`` for N:M), a dict (``{"block": [h, w]}``,
+    ``{"nm": [n, m]}``) or an instance into a :class:`Granularity`."""
     if isinstance(spec, Granularity):
         return spec
+    if isinstance(spec, dict) and len(spec) == 1:
+        ((kind, sizes),) = spec.items()
+        if kind in ("block", "nm") and isinstance(sizes, (list, tuple)) and len(sizes) == 2:
+            return Block(*sizes) if kind == "block" else NM(*sizes)
+        raise ValueError(f"a granularity given as a dict is {{'block': [h, w]}} or {{'nm': [n, m]}}, got {spec!r}")
     if isinstance(spec, str):
         cls = GRANULARITIES.get(spec)
         if cls is not None:
