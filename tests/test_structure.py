@@ -530,14 +530,14 @@ def test_compact_check_catches_a_wrong_compaction(cached, monkeypatch):
     pk.prune(model, 0.5, criterion="l2", granularity="out_channel", example_inputs=x).remove()
     if not cached:
         model = copy.deepcopy(model)
-    apply_plan = compact_module.apply_plan
+    sliced_copy = compact_module._sliced_copy
 
-    def wrong(small, plan):  # slices as planned, then changes one kept weight
-        apply_plan(small, plan)
+    def wrong(model, plan):  # slices as planned, then changes one kept weight
+        small = sliced_copy(model, plan)
         with torch.no_grad():
             small.head.weight[0, 0] += 1.0
         return small
 
-    monkeypatch.setattr(compact_module, "apply_plan", wrong)
+    monkeypatch.setattr(compact_module, "_sliced_copy", wrong)
     with pytest.raises(pk.CompactionError):
         pk.compact(model, x)

@@ -210,7 +210,7 @@ def _dependency_tensors(dependencies: ChannelDependencies) -> list[tuple[nn.Modu
     """(module, parameter name, full name) of every parameter a dependency group cuts."""
     unique = {}
     for piece in dependencies.slices:
-        if piece.tensor_name in piece.module._parameters:
+        if piece.maskable:
             unique.setdefault(piece.full_name, (piece.module, piece.tensor_name, piece.full_name))
     return list(unique.values())
 

@@ -30,6 +30,7 @@ from .core.inputs import call_model
 from .core.layers import handler_for, is_hf_conv1d
 from .core.targets import LayerSelector
 from .structure.dependencies import ChannelDependencies, trace_with_output
+from .structure.registry import module_rule
 from .structure.trace import tensor_leaves
 from .structure.units import removed_units
 
@@ -110,15 +111,18 @@ def compact(
         # A trace made just now ran the model as it is (eval mode, no gradients): its output is the
         # reference, with no second run. A cached trace is older than the masks, so the model runs again.
         reference = _run(model, example_inputs) if traced is None else _float_leaves(traced)
-    small = model if inplace else copy.deepcopy(model)
-    with torch.no_grad():
-        for module in small.modules():
-            for param_name in list(module._parameters):
-                keep = mask_store.get_mask(module, param_name)
-                if keep is not None:
-                    mask_store.zero_pruned(module._parameters[param_name], keep)
-                    mask_store.remove_mask(module, param_name)
-    apply_plan(small, plan)
+    if inplace:
+        small = model
+        with torch.no_grad():
+            for module in small.modules():
+                for param_name in list(module._parameters):
+                    keep = mask_store.get_mask(module, param_name)
+                    if keep is not None:
+                        mask_store.zero_pruned(module._parameters[param_name], keep)
+                        mask_store.remove_mask(module, param_name)
+        apply_plan(small, plan)
+    else:
+        small = _sliced_copy(model, plan)
     small.prunekit_plan = _compose(earlier_plan, plan)
     _record_plan(small, small.prunekit_plan)
     if check:
@@ -177,6 +181,16 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
     """Slice ``model``'s tensors as ``plan`` says and update shape attributes, in place; returns the model.
 
     Validates the whole plan against the model before changing anything."""
+    work = _plan_work(model, plan)
+    with torch.no_grad():
+        for module, tensor_name, dims in work:
+            _replace(module, tensor_name, _sliced(getattr(module, tensor_name), dims))
+    _update_shapes(model, [module for module, _, _ in work])
+    return model
+
+
+def _plan_work(model: nn.Module, plan: Mapping[str, Any]) -> list[tuple[nn.Module, str, dict]]:
+    """``[(module, tensor name, {dim: kept indices})]`` of a plan, validated against the model."""
     if not isinstance(plan, Mapping) or plan.get("format") != PLAN_FORMAT:
         raise ValueError(f"not a prunekit plan (expected format {PLAN_FORMAT!r})")
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -198,30 +212,71 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
                     f"but it has shape {tuple(tensor.shape)}; was the model built with the same configuration?"
                 )
         work.append((module, tensor_name, dims))
-    changed = []
-    with torch.no_grad():
-        for module, tensor_name, dims in work:
-            tensor = getattr(module, tensor_name)
-            new = tensor.detach()
-            for dim, indices in dims.items():
-                index = torch.tensor(indices, dtype=torch.long, device=new.device)
-                new = (
-                    new.index_select(int(dim), index)
-                    if new.device.type != "meta"
-                    else _meta_select(new, int(dim), len(indices))
-                )
-            if tensor_name in module._parameters:
-                module._parameters[tensor_name] = nn.Parameter(new.contiguous(), requires_grad=tensor.requires_grad)
-            else:
-                module._buffers[tensor_name] = new.contiguous()
-            changed.append(module)
+    return work
+
+
+def _sliced(tensor: torch.Tensor, dims: Mapping[str, list[int]]) -> torch.Tensor:
+    """A new contiguous tensor of the indices a plan keeps along each dimension."""
+    new = tensor.detach()
+    for dim, indices in dims.items():
+        if new.device.type == "meta":
+            new = _meta_select(new, int(dim), len(indices))
+        else:
+            new = new.index_select(int(dim), torch.tensor(indices, dtype=torch.long, device=new.device))
+    return new.contiguous()
+
+
+def _replace(module: nn.Module, tensor_name: str, new: torch.Tensor) -> None:
+    old = getattr(module, tensor_name)
+    if tensor_name in module._parameters:
+        module._parameters[tensor_name] = nn.Parameter(new, requires_grad=old.requires_grad)
+    else:
+        module._buffers[tensor_name] = new
+
+
+def _update_shapes(model: nn.Module, changed: list[nn.Module]) -> None:
+    """Size attributes of the sliced modules, and head counts of the attention modules above them."""
     for module in dict.fromkeys(changed):
         update_shape_attributes(module)
     changed_ids = {id(m) for m in changed}
     for module in model.modules():
         if any(id(child) in changed_ids for child in module.children()):
             update_attention_attributes(module)
-    return model
+
+
+@torch.no_grad()
+def _sliced_copy(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
+    """A deep copy of ``model`` with the plan applied and no masks, in which every tensor the plan slices
+    is copied already sliced (its pruned entries zeroed): no full-size copy of those tensors is made."""
+    work = _plan_work(model, plan)
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    memo: dict[int, Any] = {}
+    for module, tensor_name, dims in work:
+        tensor = getattr(module, tensor_name)
+        if id(tensor) in memo:  # shared by two modules: one copy, as deepcopy would make
+            continue
+        keep = mask_store.get_mask(module, tensor_name) if tensor_name in module._parameters else None
+        source = tensor.detach() if keep is None else tensor.detach() * keep
+        new = _sliced(source, dims)
+        memo[id(tensor)] = (
+            nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
+        )
+        packed = module._buffers.get(mask_store.mask_buffer_name(tensor_name))
+        if packed is not None:
+            memo[id(packed)] = packed  # not copied: the copy's mask of a sliced tensor is dropped below
+    small = copy.deepcopy(model, memo)
+    copies = dict(small.named_modules(remove_duplicate=False))
+    sliced = {(names[id(module)], tensor_name) for module, tensor_name, _ in work}
+    for name, tensor_name in sliced:
+        mask_store.remove_mask(copies[name], tensor_name)
+    for module in small.modules():  # masks of tensors the plan leaves whole: zero their pruned entries
+        for param_name in list(module._parameters):
+            keep = mask_store.get_mask(module, param_name)
+            if keep is not None:
+                mask_store.zero_pruned(module._parameters[param_name], keep)
+                mask_store.remove_mask(module, param_name)
+    _update_shapes(small, [copies[name] for name, _ in sliced])
+    return small
 
 
 def _meta_select(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -231,11 +286,15 @@ def _meta_select(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 
 
 def update_shape_attributes(module: nn.Module) -> None:
-    """Make a module's size attributes agree with its (sliced) tensors, as its layer handler says
-    (:mod:`prunekit.core.layers`)."""
+    """Make a module's size attributes agree with its (sliced) tensors: as its layer handler says
+    (:mod:`prunekit.core.layers`), or, for a type traced by a module rule, by the ``update_shapes`` it
+    was registered with (:func:`prunekit.structure.register_module_rule`)."""
     handler = handler_for(module)
     if handler is not None:
         handler.update_shape(module)
+    registered = module_rule(module)
+    if registered is not None and registered.update_shapes is not None:
+        registered.update_shapes(module)
 
 
 _HEAD_DIM = ("head_dim", "key_value_proj_dim", "attention_head_size", "d_kv", "dim_head")

@@ -25,35 +25,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .attention import pruned_multi_head_attention_forward
 from .core.inputs import call_model
-from .core.layers import is_hf_conv1d
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+from .structure.layer_weights import applications, applied_weights, counts_weight_macs, linear_like
+from .structure.ops import op_name
+from .structure.products import einsum_operands, is_activation_product, matrix_operands
 
 ATTENTION_KIND = "attention (activation × activation)"
 """The ``kind`` of the rows counting products of two activations (attention scores and weighted values)."""
-
-
-def _counts_weight_macs(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    hf_conv1d = is_hf_conv1d(module) and isinstance(weight, torch.Tensor) and weight.ndim == 2
-    return isinstance(module, (nn.Linear, *_CONV, *_CONV_T)) or hf_conv1d
-
-
-def applied_weights(module: nn.Module) -> list[torch.Tensor]:
-    """The weights whose MACs a module's applications count: its ``weight``, or for an
-    ``nn.MultiheadAttention`` its query/key/value projection weights (``out_proj`` is a Linear of its own)."""
-    if isinstance(module, nn.MultiheadAttention):
-        names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-        return [w for w in (getattr(module, n, None) for n in names) if isinstance(w, torch.Tensor)]
-    weight = getattr(module, "weight", None)
-    return [weight] if _counts_weight_macs(module) and isinstance(weight, torch.Tensor) else []
 
 
 def _projection_macs(module: nn.MultiheadAttention, query_tokens: int, key_tokens: int) -> tuple[int, int]:
@@ -180,9 +161,6 @@ class _ActivationProducts(TorchFunctionMode):
     ``scaled_dot_product_attention`` call is counted once, by its formula, whatever kernel runs it.
     """
 
-    _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
-    _BADDBMMS = (torch.baddbmm, torch.Tensor.baddbmm)
-
     def __init__(self, weight_storages: set[int], current_module: Callable[[], str]):
         super().__init__()
         self.weight_storages = weight_storages
@@ -206,8 +184,15 @@ class _ActivationProducts(TorchFunctionMode):
             return True
         return value.untyped_storage().data_ptr() not in self.weight_storages
 
+    def _weight(self, value: torch.Tensor) -> bool:
+        return not self._activation(value)
+
     def _count(self, func, args, kwargs, result) -> int:
-        if func is F.scaled_dot_product_attention:
+        name = op_name(func)
+        # The same decision as the tracer's: which products multiply two activations.
+        if not is_activation_product(name, args, kwargs, self._weight):
+            return 0
+        if name == "scaled_dot_product_attention":
             query = args[0] if args else kwargs.get("query")
             key = args[1] if len(args) > 1 else kwargs.get("key")
             value = args[2] if len(args) > 2 else kwargs.get("value")
@@ -215,34 +200,25 @@ class _ActivationProducts(TorchFunctionMode):
                 return 0
             # Scores: each of the L·(batch, heads) queries against S keys over E; then S values of Ev each.
             return math.prod(query.shape[:-1]) * key.shape[-2] * (query.shape[-1] + value.shape[-1])
-        if func is F.multi_head_attention_forward:
+        if name == "multi_head_attention_forward":
             query, key = args[0], args[1]  # (L, N, E) or unbatched (L, E); projected to E either way
             batch = query.shape[1] if query.ndim == 3 else 1
             return 2 * batch * query.shape[0] * key.shape[0] * query.shape[-1]
-        if func is pruned_multi_head_attention_forward:  # the same, projected to the kept heads' width
+        if name == "pruned_multi_head_attention_forward":  # the same, projected to the kept heads' width
             query, key, in_proj_weight = args[0], args[1], args[4]
             width = in_proj_weight.shape[0] // 3 if in_proj_weight is not None else args[17].shape[0]
             batch = query.shape[1] if query.ndim == 3 else 1
             return 2 * batch * query.shape[0] * key.shape[0] * width
-        if func in self._MATMULS or func in self._BADDBMMS or func is torch.Tensor.__rmatmul__:
-            if func in self._BADDBMMS:
-                left, right = args[1], args[2]
-            elif func is torch.Tensor.__rmatmul__:
-                left, right = args[1], args[0]
-            else:
-                left, right = args[0], args[1]
-            if not (self._activation(left) and self._activation(right)) or not isinstance(result, torch.Tensor):
-                return 0
-            return result.numel() * left.shape[-1]  # each output element sums over the shared dimension
-        if func is torch.einsum:
+        if name == "einsum":
             return self._einsum(args)
-        return 0
+        left = matrix_operands(name, args, kwargs)[0]
+        if not isinstance(result, torch.Tensor):
+            return 0
+        return result.numel() * left.shape[-1]  # each output element sums over the shared dimension
 
     def _einsum(self, args) -> int:
-        equation, *operands = args
-        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-            operands = list(operands[0])
-        if not isinstance(equation, str) or len(operands) != 2 or not all(map(self._activation, operands)):
+        equation, operands = einsum_operands(args)
+        if not isinstance(equation, str) or len(operands) != 2:
             return 0
         inputs = equation.replace(" ", "").split("->")[0].split(",")
         sizes: dict[str, int] = {}
@@ -276,15 +252,7 @@ def _positions(
     counted: dict[nn.Module, int] = {}
 
     def hook(module, inputs, output):
-        if isinstance(module, _CONV_T):
-            positions = inputs[0].numel() // module.in_channels
-        elif isinstance(module, _CONV):
-            positions = output.numel() // module.out_channels
-        elif isinstance(module, nn.Linear):
-            positions = output.numel() // module.out_features
-        else:  # Hugging Face Conv1D: weight (in, out)
-            positions = output.numel() // module.weight.shape[1]
-        counted[module] = counted.get(module, 0) + positions
+        counted[module] = counted.get(module, 0) + applications(module, inputs, output)
 
     names = {module: name for name, module in model.named_modules()}
     running: list[str] = []
@@ -308,7 +276,7 @@ def _positions(
         key_tokens[module] = key_tokens.get(module, 0) + keys
         counted[module.out_proj] = counted.get(module.out_proj, 0) + queries
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if _counts_weight_macs(m)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if counts_weight_macs(m)]
     handles += [
         m.register_forward_hook(attention_hook, with_kwargs=True)
         for m in model.modules()
@@ -370,21 +338,23 @@ def _weight_row(
     """The row of a module with parameters of its own (not counted in an earlier row), else none. A layer
     whose weight is shared with an earlier row (a language model's output layer tied to the input
     embedding) still computes: it gets a row with its MACs and no parameters."""
-    params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
-    weight = getattr(module, "weight", None)
-    if not params and not (_counts_weight_macs(module) and isinstance(weight, torch.Tensor)):
+    # A registered layer's weights count as its parameters even when it keeps them as buffers (int8).
+    weights = applied_weights(module) if counts_weight_macs(module) else []
+    own = list(module.parameters(recurse=False)) + [w for w in weights if not isinstance(w, nn.Parameter)]
+    params = [p for p in own if id(p) not in seen]
+    if not params and not weights:
         return []
     seen.update(id(p) for p in params)
     total = sum(p.numel() for p in params)
     nonzero = sum(int(torch.count_nonzero(p.detach())) for p in params)
     row = LayerStats(name, type(module).__name__, total, nonzero)
-    if _counts_weight_macs(module) and isinstance(weight, torch.Tensor):
+    if weights:
         applied = positions.get(module)
-        if applied is None and example_inputs is None and not isinstance(module, (*_CONV, *_CONV_T)):
+        if applied is None and example_inputs is None and linear_like(module):
             applied = 1
         if applied is not None:
-            row.macs = weight.numel() * applied
-            row.nonzero_macs = int(torch.count_nonzero(weight.detach())) * applied
+            row.macs = sum(w.numel() for w in weights) * applied
+            row.nonzero_macs = sum(int(torch.count_nonzero(w.detach())) for w in weights) * applied
         elif example_inputs is not None:
             row.macs = row.nonzero_macs = 0  # not reached by this input
     return [row]

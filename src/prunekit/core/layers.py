@@ -69,6 +69,16 @@ def _no_shape_update(module: nn.Module) -> None:
     return None
 
 
+def output_positions(module: nn.Module, inputs: tuple, output: torch.Tensor, channel_dim: int) -> int:
+    """How many times a layer applied its weights in one call: output elements per output channel."""
+    return output.numel() // output.shape[channel_dim]
+
+
+def _input_positions(module: nn.Module, inputs: tuple, output: torch.Tensor, channel_dim: int) -> int:
+    # A transposed convolution applies every weight once per *input* position.
+    return inputs[0].numel() // inputs[0].shape[1]
+
+
 @dataclass(frozen=True)
 class LayerHandler:
     """What prunekit needs to know about one kind of layer (see the module docstring).
@@ -90,6 +100,8 @@ class LayerHandler:
             used to count applications (MACs) of its weights: -1 for Linear-like layers, 1 for convs.
         channels: a :class:`ChannelMap` to trace the module as a leaf, or None to trace through it.
         counts_macs: whether :func:`prunekit.summary` counts MACs of the applied weights.
+        positions: ``fn(module, inputs, output, output_channel_dim) -> int``, how many times one call
+            applies the weights (default: output elements per output channel).
     """
 
     weights: tuple[str, ...] = ("weight",)
@@ -102,6 +114,7 @@ class LayerHandler:
     output_channel_dim: int = -1
     channels: ChannelMap | None = None
     counts_macs: bool = True
+    positions: Callable[[nn.Module, tuple, torch.Tensor, int], int] = output_positions
 
     def prunable_weights(self, module: nn.Module) -> list[str]:
         """The names of the module's weights that can be pruned (present, tensors of ≥ 2 dims)."""
@@ -242,12 +255,19 @@ register_layer(nn.Linear, LayerHandler(update_shape=_linear_shape, sums_inputs=T
 register_layer(nn.modules.conv._ConvNd, LayerHandler(update_shape=_conv_shape, sums_inputs=True, output_channel_dim=1))
 register_layer(
     nn.modules.conv._ConvTransposeNd,
-    LayerHandler(transposed=True, update_shape=_conv_transpose_shape, sums_inputs=True, output_channel_dim=1),
+    LayerHandler(
+        transposed=True,
+        update_shape=_conv_transpose_shape,
+        sums_inputs=True,
+        output_channel_dim=1,
+        positions=_input_positions,
+    ),  # fmt: skip
 )
 register_layer(is_hf_conv1d, LayerHandler(transposed=True, update_shape=_hf_conv1d_shape))
 register_layer(
     nn.MultiheadAttention,
-    LayerHandler(weights=tuple(MULTIHEAD_ATTENTION_WEIGHTS), biases=MULTIHEAD_ATTENTION_WEIGHTS),
+    # Its projections run through functional calls: the summary counts their MACs on its own.
+    LayerHandler(weights=tuple(MULTIHEAD_ATTENTION_WEIGHTS), biases=MULTIHEAD_ATTENTION_WEIGHTS, counts_macs=False),
 )
 register_layer(nn.Embedding, LayerHandler(update_shape=_embedding_shape, default_target=False, counts_macs=False))
 register_layer(nn.modules.batchnorm._NormBase, LayerHandler(weights=(), update_shape=_norm_shape, default_target=False))

@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..summary import applied_weights
 from .dependencies import ChannelDependencies
+from .layer_weights import applied_weights
 
 #: What a structured sparsity can count: units (coupled channels / heads), parameters or MACs.
 MEASURES = ("channels", "params", "macs")
@@ -47,16 +47,18 @@ class UnitCosts:
         shapes: dict[int, tuple[int, ...]] = {}
         uses: dict[int, int] = {}
         for piece in dependencies.slices:
-            param = piece.module._parameters.get(piece.tensor_name)
-            if param is None:
+            if not piece.maskable:
                 continue  # buffers (running statistics) are not parameters
+            param = piece.tensor
             shapes[id(param)] = tuple(param.shape)
             cut.setdefault(id(param), {}).setdefault(piece.dim, []).append(piece.unit)
         for module, positions in (applied or {}).items():
             for weight in applied_weights(module):
                 uses[id(weight)] = uses.get(id(weight), 0) + positions
                 shapes.setdefault(id(weight), tuple(weight.shape))
+        # Parameters, and the buffers registered layers keep their weights in (int8), as the summary counts.
         unique = {id(p): p for p in model.parameters()}
+        unique.update({id(w): w for m in model.modules() for w in applied_weights(m) if id(w) not in unique})
         #: Parameters no unit touches, counted once.
         self._fixed_params = sum(p.numel() for key, p in unique.items() if key not in cut)
         self.total_params = sum(p.numel() for p in unique.values())

@@ -28,9 +28,14 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..core.inputs import call_model
+from ..core.layers import handler_for
+from ..core.masks import MASK_PREFIX
 from ..core.targets import LayerSelector, selector_list, selector_matches
+from .calls import tensor_leaves
 from .channels import DimRange
-from .trace import ChannelTracer, UnsupportedOperationError, ids_of, tensor_leaves
+from .labels import broadcast_dims, ids_of, narrow_first
+from .threads import one_thread
+from .tracer import ChannelTracer, UnsupportedOperationError
 
 
 @dataclass(eq=False)
@@ -53,6 +58,15 @@ class Slice:
     @property
     def tensor(self) -> torch.Tensor:
         return getattr(self.module, self.tensor_name)
+
+    @property
+    def maskable(self) -> bool:
+        """Whether pruning masks this tensor: a parameter, or a buffer its layer handler names as a
+        weight (a quantized layer's int8 weight). Other buffers (running statistics) are only sliced."""
+        if self.tensor_name in self.module._parameters:
+            return True
+        handler = handler_for(self.module)
+        return handler is not None and self.tensor_name in handler.weights
 
     def removed(self, pruned_units: torch.Tensor) -> torch.Tensor:
         """Bool per index of this dimension: True where the index belongs to a pruned unit."""
@@ -168,7 +182,8 @@ def trace_with_output(
         for module, training in flags.items():
             if module.training != training:
                 module.training = training
-    dependencies = _units(model, tracer)
+    with one_thread():
+        dependencies = _units(model, tracer)
     # A cached value must not hold the model itself, or the weak key would never be released.
     if all(piece.module is not model for piece in dependencies.slices):
         _CACHE[model] = (key, dependencies)
@@ -182,14 +197,15 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _signature(model: nn.Module, example_inputs: Any, excluded: list[nn.Module], prune_outputs: bool) -> tuple:
     """What a trace depends on: every module and tensor (identity and shape), the inputs' shapes and
-    dtypes, the excluded modules and the outputs option."""
+    dtypes, the excluded modules and the outputs option. prunekit's own mask buffers are left out:
+    pruning adds them without changing how channels couple, so prune-then-compact traces once."""
     named = list(model.named_modules(remove_duplicate=False))  # one walk of the model for all three
     tensors = tuple(
         (name, kind, tensor_name, id(tensor), tuple(tensor.shape))
         for name, module in named
         for kind, members in (("p", module._parameters), ("b", module._buffers))
         for tensor_name, tensor in members.items()
-        if tensor is not None
+        if tensor is not None and not tensor_name.startswith(MASK_PREFIX)
     )
     modules = tuple((name, id(module)) for name, module in named)
     inputs = tuple(
@@ -202,10 +218,12 @@ def _signature(model: nn.Module, example_inputs: Any, excluded: list[nn.Module],
 def _misfits(root: torch.Tensor, label: torch.Tensor, outer: tuple[int, ...], inner: tuple[int, ...]) -> torch.Tensor:
     """Roots of the units that neither fill whole inner rows nor the same inner positions of every outer row."""
     rest = [d for d in range(label.ndim) if d not in outer and d not in inner]
+    # Rows repeated along a broadcast dimension (tokens, batch) give the same positions: one is enough.
+    label = narrow_first(label, [d for d in broadcast_dims(label) if d in rest])
     outer_size = math.prod(label.shape[d] for d in outer)
     inner_size = math.prod(label.shape[d] for d in inner)
     grid = label.permute(*rest, *outer, *inner).reshape(-1, outer_size, inner_size)
-    roots = root[ids_of(grid).clamp(min=0)].masked_fill(grid < 0, -1)
+    roots = _roots_of(root, grid)
     outer_index = torch.arange(outer_size).reshape(1, -1, 1).expand_as(roots)
     inner_index = torch.arange(inner_size).reshape(1, 1, -1).expand_as(roots)
     present = roots > 0
@@ -214,13 +232,32 @@ def _misfits(root: torch.Tensor, label: torch.Tensor, outer: tuple[int, ...], in
     if not keys.numel():
         return keys
     unit, inner_at = keys // inner_size, keys % inner_size
-    unit_root, outer_at = unit // outer_size, unit % outer_size
+    unit_root = unit // outer_size
     rows, row_counts = torch.unique(unit, return_counts=True)
     columns, column_counts = torch.unique(unit_root * inner_size + inner_at, return_counts=True)
     bad_rows = torch.unique(rows[row_counts != inner_size] // outer_size)
     bad_columns = torch.unique(columns[column_counts != outer_size] // inner_size)
-    del outer_at
     return bad_rows[torch.isin(bad_rows, bad_columns)]
+
+
+def _roots_of(root: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The component root of every element of a label tensor (−1 for plain data), same shape."""
+    ids = ids_of(label)
+    roots = root.index_select(0, ids.clamp(min=0).reshape(-1)).reshape(ids.shape)
+    return roots.masked_fill_(ids < 0, -1)
+
+
+def _partial_roots(root: torch.Tensor, label: torch.Tensor, dim: int) -> torch.Tensor:
+    """Roots of the units that fill only some positions of dimension ``dim`` of a label tensor."""
+    label = narrow_first(label, [d for d in broadcast_dims(label) if d != dim])
+    positions = _roots_of(root, label).movedim(dim, 0)
+    size = positions.shape[0]
+    per_position = positions.reshape(size, -1)
+    where = torch.arange(size).reshape(size, 1).expand_as(per_position)
+    valid = per_position >= 0
+    keys = torch.unique(per_position[valid] * size + where[valid])
+    roots, counts = torch.unique(keys // size, return_counts=True)
+    return roots[counts < size]
 
 
 def _units(model: nn.Module, tracer: ChannelTracer) -> ChannelDependencies:
@@ -238,20 +275,15 @@ def _units(model: nn.Module, tracer: ChannelTracer) -> ChannelDependencies:
     producer_root = torch.zeros(graph.size, dtype=torch.uint8).scatter_reduce_(0, root, producer_id.byte(), "amax")
     removable = producer_root.bool().index_select(0, root) & (root != 0)
     # Selections by constant position (x[:, :k]) stay valid only for units that fill the whole dimension.
-    for label, dim in tracer.positional:
-        positions = root[ids_of(label).clamp(min=0)].masked_fill(label < 0, -1).movedim(dim, 0)
-        size = positions.shape[0]
-        per_position = positions.reshape(size, -1)
-        where = torch.arange(size).reshape(size, 1).expand_as(per_position)
-        keys = torch.unique(per_position[per_position >= 0] * size + where[per_position >= 0])
-        roots, counts = torch.unique(keys // size, return_counts=True)
-        partial = roots[counts < size]
-        removable &= ~torch.isin(root, partial)
     # A reshape that splits a dimension (outer × inner) stays valid only for units that fill whole inner
     # rows (heads: the outer count shrinks) or the same inner positions in every outer row (channel
-    # shuffle groups: the inner size shrinks).
+    # shuffle groups: the inner size shrinks). Misfits are collected per root, then dropped in one pass.
+    misfit = torch.zeros(graph.size, dtype=torch.bool)
+    for label, dim in tracer.positional:
+        misfit[_partial_roots(root, label, dim)] = True
     for label, outer, inner in tracer.splits:
-        removable &= ~torch.isin(root, _misfits(root, label, outer, inner))
+        misfit[_misfits(root, label, outer, inner)] = True
+    removable &= ~misfit.index_select(0, root)
     removable[0] = False
     # Units are numbered by their root (the smallest id in them): a running count over the roots in use
     # (what torch.unique(..., return_inverse=True) gives, without sorting every id).

@@ -126,7 +126,7 @@ def unit_keep_masks(dependencies: ChannelDependencies, pruned: torch.Tensor) -> 
     """``{parameter full name: bool keep mask of its shape}`` for every parameter a pruned unit touches."""
     masks: dict[str, torch.Tensor] = {}
     for piece in dependencies.slices:
-        if piece.tensor_name not in piece.module._parameters:
+        if not piece.maskable:
             continue
         removed = piece.removed(pruned)
         if not bool(removed.any()):
@@ -149,7 +149,7 @@ def removed_units(dependencies: ChannelDependencies) -> torch.Tensor:
     gone = torch.ones(spare + 1, dtype=torch.bool)
     seen = torch.zeros(spare + 1, dtype=torch.bool)
     for piece in dependencies.slices:
-        if piece.tensor_name not in piece.module._parameters or piece.consumer:
+        if not piece.maskable or piece.consumer:
             continue
         keep = mask_store.get_mask(piece.module, piece.tensor_name)
         values = piece.tensor.detach()
