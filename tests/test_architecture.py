@@ -18,7 +18,17 @@ LAYERS = [
     ("engines", ["prunekit.engines"]),
     ("reporting", ["prunekit.summary", "prunekit.attention"]),
     ("pruner", ["prunekit.pruner", "prunekit.assembly", "prunekit.recipes"]),
-    ("above the pruner", ["prunekit.compact", "prunekit.oneshot", "prunekit.export", "prunekit.sparse"]),
+    (
+        "above the pruner",
+        [
+            "prunekit.compact",
+            "prunekit.compressed",
+            "prunekit.oneshot",
+            "prunekit.export",
+            "prunekit.sparse",
+            "prunekit.api",
+        ],
+    ),
     ("integrations", ["prunekit.hf", "prunekit.integrations"]),
     ("tools", ["prunekit.bench", "prunekit.data", "prunekit.demo", "prunekit.cli", "prunekit.commands", "prunekit.__main__"]),
 ]

@@ -21,8 +21,9 @@ harness) and ``prunekit.data`` (dataset readers) load on first use.
 import importlib
 
 from . import attention as _attention  # noqa: F401  registers nn.MultiheadAttention's compaction
-from . import fhe, hf
+from . import compressed, fhe, hf
 from .compact import CompactionError, apply_plan, compact, load_pruned, save_pruned
+from .compressed import CompressedFileError, inspect_file, share_weights
 from .core.config import PruningConfig, StructuredOptions
 from .core.layers import ChannelMap, LayerHandler, register_layer, unregister_layer
 from .core.masks import masked_parameters
@@ -66,6 +67,7 @@ __all__ = [
     "CompactionError",
     "Constraint",
     "ConstraintContext",
+    "CompressedFileError",
     "Criterion",
     "Custom",
     "Gradient",
@@ -91,11 +93,13 @@ __all__ = [
     "apply_plan",
     "bench",
     "compact",
+    "compressed",
     "data",
     "epochs_to_steps",
     "fhe",
     "from_pretrained",
     "hf",
+    "inspect_file",
     "keep_best_per_row",
     "load_recipe",
     "load_pruned",
@@ -105,6 +109,7 @@ __all__ = [
     "register_granularity",
     "register_layer",
     "save_pruned",
+    "share_weights",
     "summary",
     "trace_dependencies",
     "unregister_layer",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -67,7 +66,8 @@ def _earlier_plan(model: nn.Module) -> Mapping[str, Any] | None:
     return plan
 
 
-def _record_plan(model: nn.Module, plan: Mapping[str, Any]) -> None:
+def record_plan(model: nn.Module, plan: Mapping[str, Any]) -> None:
+    """Tell the integrations (:func:`register_plan_hooks`) that ``model`` now carries ``plan``."""
     for write in _PLAN_WRITERS:
         write(model, plan)
 
@@ -124,7 +124,7 @@ def compact(
     else:
         small = _sliced_copy(model, plan)
     small.prunekit_plan = _compose(earlier_plan, plan)
-    _record_plan(small, small.prunekit_plan)
+    record_plan(small, small.prunekit_plan)
     if check:
         try:
             result = _run(small, example_inputs)
@@ -427,13 +427,38 @@ def _check(reference: list[torch.Tensor], result: list[torch.Tensor], tolerance:
 # ---------------------------------------------------------------------------- saving and loading
 
 
-def save_pruned(model: nn.Module, path: str | os.PathLike) -> None:
-    """Save a compacted model as its plan (JSON) and its weights, without pickling the module.
+def save_pruned(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    sparse: bool = False,
+    weight_bits: int | Mapping[str, int | None] | None = None,
+    **compressed_options: Any,
+):
+    """Save a pruned or compacted model as its plan (JSON) and its weights, without pickling the module.
 
-    A path ending in ``.safetensors`` is written with safetensors (``pip install safetensors``), the
-    plan in its metadata; any other path with ``torch.save`` of plain tensors and strings, which
-    :func:`load_pruned` reads with ``weights_only=True``.
+    Without ``sparse``, a path ending in ``.safetensors`` is written with safetensors (``pip install
+    safetensors``), the plan in its metadata; any other path with ``torch.save`` of plain tensors and
+    strings, which :func:`load_pruned` reads with ``weights_only=True``. Returns None.
+
+    With ``sparse=True`` the file is prunekit's compressed format (:mod:`prunekit.compressed`): each
+    tensor as its non-zero values plus the cheapest index form for its pattern, entropy-coded, exact on
+    reload; ``weight_bits`` (an int, or a dict per kind ``{"conv": 8, "linear": 5}`` or module-name
+    pattern) adds k-means weight sharing (Han et al. 2016). Further options: ``init`` ("linear",
+    "density", "random"), ``codebook_dtype`` ("float32", "float16"), ``codec`` ("zstd", "zlib"),
+    ``seed``. Returns a :class:`prunekit.compressed.FileReport` (bytes per tensor and per form).
     """
+    if sparse:
+        if str(path).endswith(".safetensors"):
+            raise ValueError(
+                "sparse=True writes prunekit's compressed format, not safetensors; use another suffix, e.g. 'model.pk'"
+            )
+        from .compressed import save_compressed
+
+        return save_compressed(model, path, weight_bits, **compressed_options)
+    if weight_bits is not None or compressed_options:
+        given = ["weight_bits"] * (weight_bits is not None) + sorted(compressed_options)
+        raise ValueError(f"{', '.join(given)} apply to compressed files only; pass sparse=True as well")
     plan = getattr(model, "prunekit_plan", None) or {"format": PLAN_FORMAT, "kept": {}}
     full_state = model.state_dict()
     state = {k: v.detach().contiguous() for k, v in full_state.items()}
@@ -448,9 +473,16 @@ def save_pruned(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Rebuild a model saved with :func:`save_pruned`: ``model`` is a fresh instance of the original,
-    unpruned class (built with the same configuration); its tensors are sliced as the plan says, its
-    shape attributes updated, and the saved weights loaded (strictly). Returns ``model``."""
+    """Rebuild a model saved with :func:`save_pruned` (any of its formats): ``model`` is a fresh instance
+    of the original, unpruned class (built with the same configuration); its tensors are sliced as the
+    plan says, its shape attributes updated, and the saved weights loaded (strictly). Returns ``model``.
+
+    Everything is checked first (the file, then every key and shape against what the plan makes of
+    the model): a failed load raises and leaves ``model`` as it was."""
+    from .compressed import is_compressed_file, load_compressed, load_into
+
+    if is_compressed_file(path):
+        return load_compressed(model, path)
     if str(path).endswith(".safetensors"):
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -459,15 +491,15 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             plan = json.loads(handle.metadata()["prunekit_plan"])
         state = load_file(str(path))
     else:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        plan, state = json.loads(saved["prunekit_plan"]), saved["state_dict"]
-    apply_plan(model, plan)
-    state = OrderedDict(state)
-    state._metadata = plan.pop("state_metadata", {})
-    model.load_state_dict(state, strict=True)
-    model.prunekit_plan = plan
-    _record_plan(model, plan)
-    return model
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            plan, state = json.loads(saved["prunekit_plan"]), saved["state_dict"]
+        except Exception as error:
+            raise ValueError(
+                f"{os.fspath(path)!r} is not a file written by pk.save_pruned, or it is corrupt "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            ) from error
+    return load_into(model, plan, state, plan.get("state_metadata", {}))
 
 
 def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
