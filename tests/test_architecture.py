@@ -27,6 +27,8 @@ LAYERS = [
             "prunekit.export",
             "prunekit.sparse",
             "prunekit.api",
+            "prunekit.sensitivity",
+            "prunekit.compare",
         ],
     ),
     ("integrations", ["prunekit.hf", "prunekit.integrations"]),

@@ -23,6 +23,7 @@ import importlib
 from . import attention as _attention  # noqa: F401  registers nn.MultiheadAttention's compaction
 from . import compressed, fhe, hf
 from .compact import CompactionError, apply_plan, compact, load_pruned, save_pruned
+from .compare import Comparison, compare
 from .compressed import CompressedFileError, inspect_file, share_weights
 from .core.config import PruningConfig, StructuredOptions
 from .core.layers import ChannelMap, LayerHandler, register_layer, unregister_layer
@@ -43,6 +44,7 @@ from .methods.granularity import NM, Block, Granularity, register_granularity
 from .methods.schedules import Gradual, Iterative, OneShot, Schedule, epochs_to_steps
 from .pruner import Pruner, prune
 from .recipes import Recipe, RecipeError, load_recipe
+from .sensitivity import Sensitivity, sensitivity
 from .structure import ChannelDependencies, UnsupportedOperationError, trace_dependencies
 from .summary import LayerStats, Summary, summary
 
@@ -65,6 +67,7 @@ __all__ = [
     "ChannelDependencies",
     "ChannelMap",
     "CompactionError",
+    "Comparison",
     "Constraint",
     "ConstraintContext",
     "CompressedFileError",
@@ -87,12 +90,14 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "Schedule",
+    "Sensitivity",
     "StructuredOptions",
     "Summary",
     "UnsupportedOperationError",
     "apply_plan",
     "bench",
     "compact",
+    "compare",
     "compressed",
     "data",
     "epochs_to_steps",
@@ -109,6 +114,7 @@ __all__ = [
     "register_granularity",
     "register_layer",
     "save_pruned",
+    "sensitivity",
     "share_weights",
     "summary",
     "trace_dependencies",
