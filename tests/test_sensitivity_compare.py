@@ -80,3 +80,14 @@ def test_compare_counts_both_models_side_by_side():
     assert small_bytes < dense_bytes
     assert all(ms > 0 for ms in report.value("latency"))
     assert "pruned/dense" in str(report) and "latency (ms)" in str(report)
+
+
+def test_unit_sparsity_counts_units_where_sparsity_counts_weights():
+    model = make_model()  # Linear(4, 8): 8 rows of 4 weights; Linear(8, 2): 2 rows of 8
+    pruner = pk.prune(model, 0.5, granularity="out_channel", layer_sparsity={"0": 0.5, "2": 0.0})
+    assert pruner.unit_sparsity == pytest.approx(4 / 10)  # 4 of the 10 rows
+    assert pruner.sparsity == pytest.approx(16 / 48)  # their 16 of the 48 weights
+    blocks = pk.prune(make_model(), 0.5, granularity=pk.Block(2, 2), layer_sparsity={"2": 0.0})
+    assert blocks.unit_sparsity == pytest.approx(4 / (8 + 4))  # 4 of layer 0's 8 blocks, none of layer 2's 4
+    coupled = pk.prune(make_model(), 0.5, granularity="out_channel", example_inputs=torch.randn(2, 4))
+    assert coupled.unit_sparsity == 0.5  # 4 of the 8 hidden channels

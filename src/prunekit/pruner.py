@@ -25,6 +25,7 @@ from .core.targets import LayerSelector, Target
 from .core.validation import check_finite, check_whole
 from .engines.calibration import collect_statistics
 from .engines.constraints import apply_constraints
+from .engines.counting import unit_sparsity
 from .engines.persistence import read_state, write_state
 from .fhe.budget import AccumulatorBudget
 from .methods.constraints import Constraint
@@ -170,8 +171,16 @@ class Pruner:
         self.enforcer.apply()
 
     @property
+    def unit_sparsity(self) -> float:
+        """Fraction of the targeted units that are pruned now, units as the granularity counts them
+        (channels for ``"out_channel"``, blocks, weights for ``"weight"``; dependency groups' units with
+        coupled structured pruning). :attr:`sparsity` counts weights."""
+        return unit_sparsity(self.targets, self.granularity, self.dependencies)
+
+    @property
     def sparsity(self) -> float:
-        """Fraction of the targeted weights that are pruned now (biases not counted)."""
+        """Fraction of the targeted weights that are pruned now (weights, biases not counted; see
+        :attr:`unit_sparsity` for units)."""
         total = pruned = 0
         for target in self.targets:
             total += target.param.numel()
