@@ -192,3 +192,15 @@ def test_calibration_batches_from_a_tensor_file(tmp_path, recipe, capsys):
         == 2
     )
     assert "does not read calibration data" in capsys.readouterr().err
+
+
+def test_summary_groups_rows_by_depth(capsys, monkeypatch):
+    code, out, err = prunekit_here(
+        "summary", "cli_models:make_mlp", "--max-depth", "1", "--json", capsys=capsys, monkeypatch=monkeypatch
+    )
+    assert code == 0, err
+    assert [row["name"] for row in json.loads(out)["layers"]] == ["0", "2"]
+    code, _, err = prunekit_here(
+        "summary", "cli_models:make_mlp", "--max-depth", "0", capsys=capsys, monkeypatch=monkeypatch
+    )
+    assert "--max-depth" in one_line_error(code, err)

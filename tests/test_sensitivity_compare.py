@@ -91,3 +91,24 @@ def test_unit_sparsity_counts_units_where_sparsity_counts_weights():
     assert blocks.unit_sparsity == pytest.approx(4 / (8 + 4))  # 4 of layer 0's 8 blocks, none of layer 2's 4
     coupled = pk.prune(make_model(), 0.5, granularity="out_channel", example_inputs=torch.randn(2, 4))
     assert coupled.unit_sparsity == 0.5  # 4 of the 8 hidden channels
+
+
+def test_summary_groups_rows_by_module_depth():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8)), nn.Linear(8, 2))
+    pk.prune(model, 0.5)
+    x = torch.randn(3, 4)
+    full, grouped = pk.summary(model, x), pk.summary(model, x, max_depth=1)
+    assert [row.name for row in full.layers] == ["0.0", "0.2", "1"]
+    assert [(row.name, row.kind) for row in grouped.layers] == [("0", "Sequential"), ("1", "Linear")]
+    first = grouped.layers[0]
+    assert (first.params, first.nonzero_params) == (4 * 8 + 8 + 8 * 8 + 8, 16 + 8 + 32 + 8)
+    assert first.macs == 3 * (4 * 8 + 8 * 8)
+    assert (grouped.total_params, grouped.macs, grouped.nonzero_macs) == (
+        full.total_params,
+        full.macs,
+        full.nonzero_macs,
+    )
+    assert [row.name for row in pk.summary(model, x, max_depth=2).layers] == ["0.0", "0.2", "1"]
+    with pytest.raises(ValueError, match="max_depth"):
+        pk.summary(model, max_depth=0)

@@ -4,7 +4,7 @@
 
     prunekit --version
     prunekit demo [--sparsity 0.9] [--steps 1500] [--out prunekit-demo.png] [--seed 0] [--quiet]
-    prunekit summary MODEL [--factory MODULE:FACTORY] [--input-shape 1,3,224,224] [--json]
+    prunekit summary MODEL [--factory MODULE:FACTORY] [--input-shape 1,3,224,224] [--json] [--max-depth K]
     prunekit prune MODEL --recipe r.yaml --out PATH [--factory MODULE:FACTORY] [--calibration FILE]
                    [--compact] [--input-shape 1,3,224,224] [--json]
 
@@ -86,6 +86,9 @@ def _build_parser() -> _Parser:
     )
     _model_arguments(summary)
     summary.add_argument("--json", action="store_true", help="print the summary as JSON")
+    summary.add_argument(
+        "--max-depth", type=int, metavar="K", help="one row per module at most K deep (1: the model's children)"
+    )
 
     prune = commands.add_parser(
         "prune",
@@ -188,8 +191,10 @@ def _summary(args: argparse.Namespace) -> int:
     shape = _parse_shape(args.input_shape) if args.input_shape is not None else None
     loaded: LoadedModel = load_model(args.model, args.factory)
     example_inputs = example_inputs_for(loaded, shape, None)
+    if args.max_depth is not None and args.max_depth < 1:
+        raise UsageError(f"--max-depth is a module depth, at least 1, got {args.max_depth}")
     try:
-        table = summary(loaded.model, example_inputs=example_inputs)
+        table = summary(loaded.model, example_inputs=example_inputs, max_depth=args.max_depth)
     except Exception as err:
         if example_inputs is None:
             raise
