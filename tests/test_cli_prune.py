@@ -58,6 +58,7 @@ def recipe(tmp_path):
     return write
 
 
+@pytest.mark.slow  # a new interpreter importing torch
 def test_prune_a_factory_model_then_read_it_back(tmp_path, recipe):
     out = tmp_path / "mlp.pt"
     code, stdout, err = prunekit("prune", "cli_models:make_mlp", "--recipe", recipe(MAGNITUDE), "--out", out)
@@ -72,6 +73,7 @@ def test_prune_a_factory_model_then_read_it_back(tmp_path, recipe):
     assert report["nonzero_params"] == sum(int((p != 0).sum()) for p in model.parameters())
 
 
+@pytest.mark.slow  # a new interpreter importing torch
 def test_prune_and_compact_a_structured_recipe(tmp_path, recipe):
     out = tmp_path / "small.pt"
     code, stdout, err = prunekit(
@@ -128,6 +130,7 @@ def test_bad_models_and_paths_are_one_line_errors_that_write_nothing(
     assert not out.exists()
 
 
+@pytest.mark.slow  # a new interpreter importing torch
 def test_errors_through_the_command_line(tmp_path, recipe):
     """A bad recipe and a bad factory, as a user's shell sees them: status 2, one line, nothing written."""
     out = tmp_path / "out.pt"

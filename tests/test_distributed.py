@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 import prunekit as pk
 
+pytestmark = pytest.mark.slow  # two new processes that import torch (in CI, like every slow test)
+
 HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
 import distributed_worker as worker  # noqa: E402

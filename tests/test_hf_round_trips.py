@@ -51,6 +51,7 @@ def test_a_compacted_bert_keeps_config_json_small_and_loads(tmp_path):
         assert torch.allclose(loaded(**INPUTS)[0], small(**INPUTS)[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sentence_transformers_save_and_load_a_uniformly_compacted_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     sentence_transformers = pytest.importorskip("sentence_transformers")
