@@ -15,13 +15,15 @@ LAYERS = [
     ("core", ["prunekit.core"]),
     ("methods", ["prunekit.methods", "prunekit.fhe"]),
     ("structure", ["prunekit.structure"]),
-    ("engines", ["prunekit.engines"]),
+    ("engines", ["prunekit.engines", "prunekit.checks"]),
     ("reporting", ["prunekit.summary", "prunekit.attention"]),
     ("pruner", ["prunekit.pruner", "prunekit.assembly", "prunekit.recipes"]),
     (
         "above the pruner",
         [
             "prunekit.compact",
+            "prunekit.plans",
+            "prunekit.saving",
             "prunekit.compressed",
             "prunekit.oneshot",
             "prunekit.export",

@@ -228,12 +228,12 @@ def test_nm_checks_the_sparsity_it_is_given(sparsity, error):
 @pytest.mark.parametrize("option", [{"round_to": 8}, {"max_layer_sparsity": 0.5}, {"prune_outputs": True}])
 def test_structured_options_outside_coupled_mode_are_refused(option):
     model = mlp()
-    with pytest.raises(ValueError, match=f"{next(iter(option))} apply to coupled structured pruning only"):
+    with pytest.raises(ValueError, match=f"{next(iter(option))}=.* apply to coupled structured pruning only"):
         pk.prune(model, 0.5, **option)
 
 
 def test_seed_is_refused_by_criteria_that_take_none():
-    with pytest.raises(ValueError, match="does not use seed="):
+    with pytest.raises(ValueError, match="seeds the 'random' criterion only"):
         pk.prune(mlp(), 0.5, criterion="magnitude", seed=3)
     with pytest.raises(ValueError, match="does not use data="):
         pk.prune(mlp(), 0.5, criterion="magnitude", data=[], loss_fn=F.mse_loss)

@@ -530,7 +530,7 @@ def test_compact_check_catches_a_wrong_compaction(cached, monkeypatch):
     pk.prune(model, 0.5, criterion="l2", granularity="out_channel", example_inputs=x).remove()
     if not cached:
         model = copy.deepcopy(model)
-    sliced_copy = compact_module._sliced_copy
+    sliced_copy = compact_module.sliced_copy
 
     def wrong(model, plan):  # slices as planned, then changes one kept weight
         small = sliced_copy(model, plan)
@@ -538,6 +538,6 @@ def test_compact_check_catches_a_wrong_compaction(cached, monkeypatch):
             small.head.weight[0, 0] += 1.0
         return small
 
-    monkeypatch.setattr(compact_module, "_sliced_copy", wrong)
+    monkeypatch.setattr(compact_module, "sliced_copy", wrong)
     with pytest.raises(pk.CompactionError):
         pk.compact(model, x)

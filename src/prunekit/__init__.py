@@ -22,7 +22,7 @@ import importlib
 
 from . import attention as _attention  # noqa: F401  registers nn.MultiheadAttention's compaction
 from . import compressed, fhe, hf
-from .compact import CompactionError, apply_plan, compact, load_pruned, save_pruned
+from .compact import CompactionError, compact
 from .compare import Comparison, compare
 from .compressed import CompressedFileError, inspect_file, share_weights
 from .core.config import PruningConfig, StructuredOptions
@@ -42,8 +42,10 @@ from .methods.criteria import (
 )
 from .methods.granularity import NM, Block, Granularity, register_granularity
 from .methods.schedules import Gradual, Iterative, OneShot, Schedule, epochs_to_steps
+from .plans import apply_plan
 from .pruner import Pruner, prune
 from .recipes import Recipe, RecipeError, load_recipe
+from .saving import load_pruned, save_pruned
 from .sensitivity import Sensitivity, sensitivity
 from .structure import ChannelDependencies, UnsupportedOperationError, trace_dependencies
 from .summary import LayerStats, Summary, summary

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import checks
 from .core.config import PruningConfig, StructuredOptions, selector_name
 from .core.targets import LayerSelector, Target, find_targets, resolve_layer_sparsity
 from .core.validation import check_whole
@@ -74,7 +75,12 @@ def assemble(
     optimizer: Any = None,
 ) -> Parts:
     """Validate the pruner's arguments and build its parts (the arguments are :class:`prunekit.Pruner`'s)."""
+    checks.check_model(model, include)  # wrapped, reparametrized or quantized layers
     granularity = get_granularity(granularity)
+    checks.check_options(
+        granularity.name, structured.coupled, example_inputs, structured.prune_outputs,
+        criterion if isinstance(criterion, str) else getattr(criterion, "name", ""), seed, mask_gradients,
+    )  # fmt: skip
     constraints = _constraints(constraints, max_fan_in)
     fan_in_only = sparsity is None and max_fan_in is not None and granularity.fixed_sparsity is None
     sparsity_target = 0.0 if fan_in_only else final_sparsity(sparsity, granularity)
@@ -90,6 +96,7 @@ def assemble(
         )
     min_kept = check_whole(min_kept, "min_kept", "units")
     targets = find_targets(model, include, exclude)
+    checks.check_targets_have_values(targets)
     for target in targets:
         granularity.validate(target)
     for constraint in constraints:
@@ -98,15 +105,19 @@ def assemble(
     _check_criterion_inputs(criterion, targets, calibration)
     coupled_mode = structured.coupled and granularity.whole_output_channels and example_inputs is not None
     if not coupled_mode and structured.changed():
+        changed = ", ".join(f"{name}={getattr(structured, name)!r}" for name in structured.changed())
         raise ValueError(
-            f"{', '.join(structured.changed())} apply to coupled structured pruning only: use "
+            f"{changed} apply to coupled structured pruning only: use "
             "granularity='out_channel' with example_inputs (and coupled=True)"
         )
     dependencies = None
     if coupled_mode:
-        dependencies = trace_dependencies(
-            model, example_inputs, exclude=exclude, prune_outputs=structured.prune_outputs
-        )
+        with checks.record_calls(model) as ran:  # which layers ran: those no output reads are reported
+            dependencies = trace_dependencies(
+                model, example_inputs, exclude=exclude, prune_outputs=structured.prune_outputs
+            )
+        checks.check_has_units(dependencies, sparsity_target, structured.prune_outputs)
+        checks.warn_unreached(checks.unreached_layers(dependencies, targets, ran, structured.prune_outputs))
         maskable = _dependency_tensors(dependencies)
         enforcer = MaskEnforcer(maskable, mask_gradients)
         left_out = set() if include is None else _left_out_weights(model, exclude, targets)
@@ -132,6 +143,7 @@ def assemble(
             return enforcer.keep(target.module, target.param_name, target.full_name)
 
         engine = UnstructuredEngine(targets, granularity, criterion, scope, min_kept, overrides, schedule, keep_of)
+    checks.warn_existing_masks(maskable)  # a second pruner on the same parameters
     config = PruningConfig(
         sparsity=sparsity_target,
         criterion=criterion.name,

@@ -58,7 +58,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import compact as compaction
+from . import plans as compaction
 
 CONFIG_ENTRY = "prunekit"
 ENTRY_FORMAT = "prunekit-hf/1"

@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import checks
 from .assembly import assemble
 from .core import masks as mask_store
 from .core.config import StructuredOptions
 from .core.distributed import unwrap_data_parallel
 from .core.targets import LayerSelector, Target
-from .core.validation import check_finite, check_whole
+from .core.validation import check_whole
 from .engines.calibration import collect_statistics
 from .engines.constraints import apply_constraints
 from .engines.counting import unit_sparsity
@@ -237,7 +238,11 @@ class Pruner:
             self._prune_to(final_sparsity(sparsity, self.granularity), None)
 
     def _prune_to(self, sparsity: float, event: int | None, scheduled_at: int | None = None) -> None:
-        check_finite(self.targets, self._maskable)
+        touched = [(t.full_name, t.param) for t in self.targets]
+        touched += [(full, getattr(module, name)) for module, name, full in self._maskable]
+        if self.dependencies is not None:  # running statistics too: compaction slices them
+            touched += [(piece.full_name, piece.tensor) for piece in self.dependencies.slices]
+        checks.check_finite({id(tensor): (name, tensor) for name, tensor in touched}.values())
         if self.criterion.statistics:
             self.criterion.use_statistics(
                 collect_statistics(self.model, self.targets, self.calibration, self.criterion.statistics)

@@ -142,7 +142,7 @@ def prune_and_finetune(
     ``compression`` (1 / (1 − sparsity)) and ``model_compression`` (all parameters of the model).
     """
     options: dict[str, Any] = {"criterion": method.criterion, "scope": method.scope, **method.options}
-    if method.criterion == "random":  # the other criteria take no seed
+    if method.criterion == "random":  # the run's seed seeds the random criterion; the others take none
         options["seed"] = seed
     if method.layer_sparsity is not None:
         options["layer_sparsity"] = dict(method.layer_sparsity)

@@ -99,7 +99,7 @@ def load_model(spec: str, factory: str | None = None) -> LoadedModel:
             raise UsageError(
                 f"{spec} is a saved model: say which architecture to rebuild it into with --factory MODULE:FACTORY"
             )
-        from ..compact import load_pruned
+        from ..saving import load_pruned
 
         model = build_from_factory(factory)
         try:

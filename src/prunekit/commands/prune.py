@@ -85,7 +85,7 @@ def _prune(loaded: LoadedModel, arguments: dict, calibration: list | None, examp
 
 def _write(model, loaded: LoadedModel, out: Path) -> None:
     """Write into a temporary sibling, then rename: a failure leaves ``out`` absent."""
-    from ..compact import save_pruned
+    from ..saving import save_pruned
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..compact import PLAN_FORMAT
+from ..plans import PLAN_FORMAT
 from .entropy import decode_stream, default_codec
 from .format import FORMAT_VERSION, CompressedFileError, blob_bytes, read_container, write_container
 from .loading import load_into

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compact import PLAN_FORMAT, apply_plan, record_plan
+from ..plans import PLAN_FORMAT, apply_plan, record_plan
 
 
 def planned_shapes(model: nn.Module, plan: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -124,6 +124,11 @@ def selector_list(selectors: LayerSelector | Iterable[LayerSelector] | None, wha
         return []
     if isinstance(selectors, (str, type)):
         selectors = [selectors]
+    if not isinstance(selectors, Iterable):  # reliability (issue 10, defect 13): say what it takes
+        raise TypeError(
+            f"{what} takes a module type, a name pattern (str) or a list of them, e.g. {what}=['features', nn.Linear]; "
+            f"got {selectors!r} of type {type(selectors).__name__}"
+        )
     items = list(selectors)
     for item in items:
         if not isinstance(item, (str, type)):
@@ -225,6 +230,11 @@ def resolve_layer_sparsity(targets: list[Target], overrides: Mapping[str, float]
         raise TypeError("layer_sparsity takes a dict {name pattern: sparsity}")
     resolved: dict[str, float] = {}
     for pattern, value in overrides.items():
+        if not isinstance(pattern, str):  # reliability (issue 10, defect 13): keys are name patterns
+            raise TypeError(
+                f"layer_sparsity keys are layer name patterns (str), e.g. {{'{pattern}': {value!r}}}; "
+                f"got {pattern!r} of type {type(pattern).__name__}"
+            )
         selector_list(pattern, "layer_sparsity")
         check_sparsity(value, f"layer_sparsity[{pattern!r}]")
         matched = [t for t in targets if name_matches(pattern, t.name)]

@@ -35,10 +35,10 @@ def _check_span(start: object, end: object) -> tuple[int, int]:
 
 def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
     """Convert a number of epochs (may be fractional) into optimizer steps, rounded to the nearest step."""
-    if steps_per_epoch <= 0:
-        raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
-    if epochs < 0:
-        raise ValueError(f"epochs must be ≥ 0, got {epochs}")
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
+        raise ValueError(f"steps_per_epoch must be a positive whole number of optimizer steps, got {steps_per_epoch!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not math.isfinite(epochs) or epochs < 0:
+        raise ValueError(f"epochs must be a finite number ≥ 0 (may be fractional, e.g. 2.5), got {epochs!r}")
     return int(round(epochs * steps_per_epoch))
 
 
@@ -117,8 +117,13 @@ class Iterative(Schedule):
 
         Returns the schedule and the final sparsity 1 − (1 − fraction)^rounds to pass to the pruner.
         """
-        if not 0 < fraction < 1:
-            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1) (of the remaining units, 0.2 = 20%), got {fraction!r}")
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"rounds must be a positive whole number of pruning rounds, got {rounds!r}")
+        _check_step(start, "start")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive number of optimizer steps between rounds, got {every!r}")
         schedule = cls(start, start + every * (rounds - 1), rounds)
         return schedule, 1.0 - (1.0 - fraction) ** rounds
 

@@ -1,0 +1,314 @@
+"""Plans: what compaction removes, as plain JSON — for every sliced tensor, the indices kept along
+each dimension — and applying them.
+
+:func:`make_plan` reads a plan off the traced units and the pruned ones, :func:`compose_plans` chains
+two (compacting twice), :func:`apply_plan` slices a model in place and :func:`sliced_copy` makes a
+compacted copy without copying the sliced tensors whole. After slicing, every module's size
+attributes follow its tensors (the layer registry's ``update_shape``, or a module rule's
+``update_shapes``), and attention modules written in the Hugging Face / timm style recount their heads.
+Integrations that keep plans elsewhere (a Hugging Face config) register hooks with
+:func:`register_plan_hooks`; this module never imports them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .core import masks as mask_store
+from .core.layers import handler_for, is_hf_conv1d
+from .structure.dependencies import ChannelDependencies
+from .structure.registry import module_rule
+
+PLAN_FORMAT = "prunekit-plan/1"
+
+
+#: ``fn(model) -> plan or None``: where a model may carry an earlier plan besides ``model.prunekit_plan``
+#: (a Hugging Face config, :mod:`prunekit.hf`).
+_PLAN_READERS: list[Callable[[nn.Module], Mapping[str, Any] | None]] = []
+#: ``fn(model, plan)``: called once a model is compacted or loaded with a plan (to update a config).
+_PLAN_WRITERS: list[Callable[[nn.Module, Mapping[str, Any]], None]] = []
+
+
+def register_plan_hooks(
+    read: Callable[[nn.Module], Mapping[str, Any] | None] | None = None,
+    write: Callable[[nn.Module, Mapping[str, Any]], None] | None = None,
+) -> None:
+    """Let an integration read earlier plans from where it keeps them (``read(model)``) and record a
+    compacted or loaded model's plan there (``write(model, plan)``), e.g. in a Hugging Face config."""
+    if read is not None:
+        _PLAN_READERS.append(read)
+    if write is not None:
+        _PLAN_WRITERS.append(write)
+
+
+def earlier_plan(model: nn.Module) -> Mapping[str, Any] | None:
+    plan = getattr(model, "prunekit_plan", None)
+    for read in _PLAN_READERS:
+        plan = plan or read(model)
+    return plan
+
+
+def record_plan(model: nn.Module, plan: Mapping[str, Any]) -> None:
+    """Tell the integrations (:func:`register_plan_hooks`) that ``model`` now carries ``plan``."""
+    for write in _PLAN_WRITERS:
+        write(model, plan)
+
+
+def make_plan(dependencies: ChannelDependencies, pruned_units: torch.Tensor) -> dict[str, Any]:
+    kept: dict[str, dict[str, list[int]]] = {}
+    for piece in dependencies.slices:
+        removed = piece.removed(pruned_units)
+        if bool(removed.any()):
+            indices = torch.nonzero(~removed).reshape(-1).tolist()
+            kept.setdefault(piece.full_name, {})[str(piece.dim)] = indices
+    return {"format": PLAN_FORMAT, "kept": kept}
+
+
+def compose_plans(earlier: Mapping[str, Any] | None, later: Mapping[str, Any]) -> dict[str, Any]:
+    """One plan equivalent to applying ``earlier`` and then ``later`` (indices of ``later`` refer to
+    the already-compacted tensors)."""
+    kept = {name: {dim: list(indices) for dim, indices in dims.items()} for name, dims in later["kept"].items()}
+    if not earlier:
+        return {"format": PLAN_FORMAT, "kept": kept}
+    combined = {name: {dim: list(indices) for dim, indices in dims.items()} for name, dims in earlier["kept"].items()}
+    for name, dims in kept.items():
+        for dim, indices in dims.items():
+            before = combined.setdefault(name, {}).get(dim)
+            combined[name][dim] = indices if before is None else [before[i] for i in indices]
+    kept = combined
+    return {"format": PLAN_FORMAT, "kept": kept}
+
+
+def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
+    """Slice ``model``'s tensors as ``plan`` says and update shape attributes, in place; returns the model.
+
+    Validates the whole plan against the model before changing anything."""
+    work = _plan_work(model, plan)
+    owners = _tensor_owners(model)
+    changed = []
+    with torch.no_grad():
+        for module, tensor_name, dims in work:
+            tensor = getattr(module, tensor_name)
+            new = _sliced(tensor, dims)
+            if isinstance(tensor, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+            # A tensor shared by several modules (tied weights) is sliced once, for all its owners.
+            for owner, owner_name in owners.get(id(tensor), [(module, tensor_name)]):
+                (owner._parameters if owner_name in owner._parameters else owner._buffers)[owner_name] = new
+                changed.append(owner)
+    _update_shapes(model, changed)
+    return model
+
+
+def _plan_work(model: nn.Module, plan: Mapping[str, Any]) -> list[tuple[nn.Module, str, dict]]:
+    """``[(module, tensor name, {dim: kept indices})]`` of a plan, validated against the model."""
+    if not isinstance(plan, Mapping) or plan.get("format") != PLAN_FORMAT:
+        raise ValueError(f"not a prunekit plan (expected format {PLAN_FORMAT!r})")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    work, planned = [], {}
+    for full_name, dims in plan["kept"].items():
+        module_name, _, tensor_name = full_name.rpartition(".")
+        module = modules.get(module_name)
+        tensor = None if module is None else getattr(module, tensor_name, None)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(
+                f"the plan slices {full_name!r}, which this model does not have; "
+                "apply it to an instance of the model class it was made from"
+            )
+        for dim, indices in dims.items():
+            dim = int(dim)
+            if dim >= tensor.ndim or (indices and max(indices) >= tensor.shape[dim]):
+                raise ValueError(
+                    f"the plan keeps indices up to {max(indices)} of {full_name!r} dimension {dim}, "
+                    f"but it has shape {tuple(tensor.shape)}; was the model built with the same configuration?"
+                )
+        # A tensor shared by several modules (tied weights) is sliced once, for all its owners.
+        earlier = planned.get(id(tensor))
+        if earlier is not None:
+            if earlier[1] != {int(d): list(i) for d, i in dims.items()}:
+                raise ValueError(
+                    f"the plan slices the shared tensor {earlier[0]!r} and {full_name!r} (one tensor) differently; "
+                    "a tied tensor must keep the same indices in all its owners"
+                )
+            continue
+        planned[id(tensor)] = (full_name, {int(d): list(i) for d, i in dims.items()})
+        work.append((module, tensor_name, dims))
+    return work
+
+
+def _sliced(tensor: torch.Tensor, dims: Mapping[str, list[int]]) -> torch.Tensor:
+    """A new dense tensor of the indices a plan keeps along each dimension, in ``tensor``'s memory format."""
+    new = tensor.detach()
+    for dim, indices in dims.items():
+        if new.device.type == "meta":
+            new = _meta_select(new, int(dim), len(indices))
+        else:
+            new = new.index_select(int(dim), torch.tensor(indices, dtype=torch.long, device=new.device))
+    return _dense_like(new, tensor)
+
+
+def _update_shapes(model: nn.Module, changed: list[nn.Module]) -> None:
+    """Size attributes of the sliced modules, and head counts of the attention modules above them."""
+    for module in dict.fromkeys(changed):
+        update_shape_attributes(module)
+    changed_ids = {id(m) for m in changed}
+    for module in model.modules():
+        if any(id(child) in changed_ids for child in module.children()):
+            update_attention_attributes(module)
+
+
+@torch.no_grad()
+def sliced_copy(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
+    """A deep copy of ``model`` with the plan applied and no masks, in which every tensor the plan slices
+    is copied already sliced (its pruned entries zeroed): no full-size copy of those tensors is made."""
+    work = _plan_work(model, plan)
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    memo: dict[int, Any] = {}
+    for module, tensor_name, dims in work:
+        tensor = getattr(module, tensor_name)
+        if id(tensor) in memo:  # shared by two modules: one copy, as deepcopy would make
+            continue
+        keep = mask_store.get_mask(module, tensor_name) if tensor_name in module._parameters else None
+        source = tensor.detach() if keep is None else tensor.detach() * keep
+        new = _sliced(source, dims)
+        memo[id(tensor)] = (
+            nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
+        )
+        packed = module._buffers.get(mask_store.mask_buffer_name(tensor_name))
+        if packed is not None:
+            memo[id(packed)] = packed  # not copied: the copy's mask of a sliced tensor is dropped below
+    small = copy.deepcopy(model, memo)
+    copies = dict(small.named_modules(remove_duplicate=False))
+    sliced = {(names[id(module)], tensor_name) for module, tensor_name, _ in work}
+    for name, tensor_name in sliced:
+        mask_store.remove_mask(copies[name], tensor_name)
+    for module in small.modules():  # masks of tensors the plan leaves whole: zero their pruned entries
+        for param_name in list(module._parameters):
+            keep = mask_store.get_mask(module, param_name)
+            if keep is not None:
+                mask_store.zero_pruned(module._parameters[param_name], keep)
+                mask_store.remove_mask(module, param_name)
+    _update_shapes(small, [copies[name] for name, _ in sliced])
+    return small
+
+
+def _dense_like(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` made dense in ``old``'s memory format (a channels_last conv weight stays channels_last)."""
+    if old.ndim == 4 and not old.is_contiguous() and old.is_contiguous(memory_format=torch.channels_last):
+        return new.contiguous(memory_format=torch.channels_last)
+    if old.ndim == 5 and not old.is_contiguous() and old.is_contiguous(memory_format=torch.channels_last_3d):
+        return new.contiguous(memory_format=torch.channels_last_3d)
+    return new.contiguous()
+
+
+def _tensor_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """``{id(tensor): [(module, name), ...]}`` for every parameter and buffer, all owners of tied ones."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in dict.fromkeys(model.modules()):
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None:
+                    owners.setdefault(id(tensor), []).append((module, name))
+    return owners
+
+
+def _meta_select(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    shape = list(tensor.shape)
+    shape[dim] = size
+    return torch.empty(shape, dtype=tensor.dtype, device="meta")
+
+
+def update_shape_attributes(module: nn.Module) -> None:
+    """Make a module's size attributes agree with its (sliced) tensors: as its layer handler says
+    (:mod:`prunekit.core.layers`), or, for a type traced by a module rule, by the ``update_shapes`` it
+    was registered with (:func:`prunekit.structure.register_module_rule`)."""
+    handler = handler_for(module)
+    if handler is not None:
+        handler.update_shape(module)
+    registered = module_rule(module)
+    if registered is not None and registered.update_shapes is not None:
+        registered.update_shapes(module)
+
+
+_HEAD_DIM = ("head_dim", "key_value_proj_dim", "attention_head_size", "d_kv", "dim_head")
+_HEAD_COUNT = ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads")
+_KV_HEAD_COUNT = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
+_HEADS_WIDTH = ("all_head_size", "inner_dim", "attn_dim")
+_QUERY = ("q_proj", "q", "query", "q_lin", "to_q", "q_attn")
+_KEY = ("k_proj", "k", "key", "k_lin", "to_k")
+
+
+def projection_width(layer: Any) -> int | None:
+    """Output width of a projection: an ``nn.Linear``, or Hugging Face's ``Conv1D`` (GPT-2), whose weight
+    is stored (in, out)."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    if is_hf_conv1d(layer) and isinstance(getattr(layer, "weight", None), torch.Tensor):
+        return layer.weight.shape[1]
+    return None
+
+
+def attention_head_counts(module: nn.Module) -> tuple[int, int | None, int] | None:
+    """``(query heads, key/value heads or None, head size)`` of an attention module written in the
+    Hugging Face / timm style (a head-size attribute next to query/key projections, or one fused
+    projection computing q, k and v), counted from its projections' current widths; None for any
+    other module."""
+    head_dim = next((getattr(module, a) for a in _HEAD_DIM if isinstance(getattr(module, a, None), int)), None)
+    if not head_dim:
+        return None
+    query = next((getattr(module, n) for n in _QUERY if projection_width(getattr(module, n, None))), None)
+    key = next((getattr(module, n) for n in _KEY if projection_width(getattr(module, n, None))), None)
+    fused = getattr(module, "qkv", None) or getattr(module, "c_attn", None)  # timm's qkv, GPT-2's c_attn
+    fused_width = projection_width(fused)
+    if query is not None:
+        width = projection_width(query)
+    elif fused_width:
+        width = fused_width // 3
+    else:
+        return None
+    if width % head_dim:
+        return None
+    if key is not None:
+        key_width = projection_width(key)
+    elif fused_width and query is not None:
+        key_width = fused_width // 2  # GPT-2 cross-attention: q_attn makes q, c_attn makes k and v
+    else:
+        key_width = None
+    kv_heads = key_width // head_dim if key_width and key_width % head_dim == 0 else None
+    return width // head_dim, kv_heads, head_dim
+
+
+def update_attention_attributes(module: nn.Module) -> None:
+    """Attention modules written in the Hugging Face / timm style keep their head counts in attributes
+    next to a fixed head size: recount them from the query and key projections after heads were removed.
+
+    Updated where the module has them: the query head count (``num_heads``, ``num_attention_heads``,
+    ``n_head``, ``n_heads``: BERT, ViT, GPT-2, T5, timm), the key/value head count
+    (``num_key_value_heads``), the width of all heads together (``all_head_size``: BERT; ``inner_dim``:
+    T5), the query heads per key/value head (``num_key_value_groups``: LLaMA, whose grouped-query
+    attention repeats each key/value head that often), and GPT-2's ``split_size`` (the width at which
+    its fused ``c_attn`` output is split into q, k and v)."""
+    counts = attention_head_counts(module)
+    if counts is None:
+        return
+    heads, kv_heads, head_dim = counts
+    width = heads * head_dim
+    for name in _HEAD_COUNT:
+        if isinstance(getattr(module, name, None), int) and not isinstance(getattr(module, name), bool):
+            setattr(module, name, heads)
+    for name in _HEADS_WIDTH:
+        if isinstance(getattr(module, name, None), int):
+            setattr(module, name, width)
+    if isinstance(getattr(module, "split_size", None), int):
+        module.split_size = width
+    if kv_heads:
+        for name in _KV_HEAD_COUNT:
+            if isinstance(getattr(module, name, None), int):
+                setattr(module, name, kv_heads)
+        if isinstance(getattr(module, "num_key_value_groups", None), int) and heads % kv_heads == 0:
+            module.num_key_value_groups = heads // kv_heads
