@@ -98,3 +98,14 @@ def test_a_recipe_builds_the_pruner(tmp_path):
     callback = PruningCallback(recipe={"sparsity": 0.75, "schedule": {"one_shot": {"at": 0}}})
     fit(callback, tmp_path, max_steps=2)
     assert callback.pruner.sparsity == pytest.approx(0.75, abs=0.01)
+
+
+@pytest.mark.slow  # a new interpreter importing torch
+def test_import_prunekit_imports_no_training_framework():
+    import subprocess
+    import sys
+
+    code = "import sys, prunekit; print([m for m in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate') if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
