@@ -21,13 +21,14 @@ harness) and ``prunekit.data`` (dataset readers) load on first use.
 import importlib
 
 from . import attention as _attention  # noqa: F401  registers nn.MultiheadAttention's compaction
-from . import compressed, fhe, hf
+from . import compressed, fhe, hf, sparse
 from .compact import CompactionError, compact
 from .compare import Comparison, compare
 from .compressed import CompressedFileError, inspect_file, share_weights
 from .core.config import PruningConfig, StructuredOptions
 from .core.layers import ChannelMap, LayerHandler, register_layer, unregister_layer
 from .core.masks import masked_parameters
+from .export import OnnxExport, export_onnx
 from .hf import from_pretrained
 from .methods.constraints import Constraint, ConstraintContext, keep_best_per_row
 from .methods.criteria import (
@@ -47,6 +48,7 @@ from .pruner import Pruner, prune
 from .recipes import Recipe, RecipeError, load_recipe
 from .saving import load_pruned, save_pruned
 from .sensitivity import Sensitivity, sensitivity
+from .sparse import to_dense, to_sparse
 from .structure import ChannelDependencies, UnsupportedOperationError, trace_dependencies
 from .summary import LayerStats, Summary, summary
 
@@ -103,6 +105,8 @@ __all__ = [
     "compressed",
     "data",
     "epochs_to_steps",
+    "export_onnx",
+    "OnnxExport",
     "fhe",
     "from_pretrained",
     "hf",
@@ -118,7 +122,10 @@ __all__ = [
     "save_pruned",
     "sensitivity",
     "share_weights",
+    "sparse",
     "summary",
+    "to_dense",
+    "to_sparse",
     "trace_dependencies",
     "unregister_layer",
 ]

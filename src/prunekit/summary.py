@@ -37,6 +37,11 @@ ATTENTION_KIND = "attention (activation × activation)"
 """The ``kind`` of the rows counting products of two activations (attention scores and weighted values)."""
 
 
+def _is_sparse_layer(module: nn.Module) -> bool:
+    """prunekit.sparse's layers report their own row (a marker: the sparse package sits above this one)."""
+    return getattr(module, "prunekit_sparse_layer", False) is True
+
+
 def _projection_macs(module: nn.MultiheadAttention, query_tokens: int, key_tokens: int) -> tuple[int, int]:
     """(MACs, non-zero MACs) of an nn.MultiheadAttention's q, k and v projections: the query rows are
     applied at every query token, the key and value rows at every key token."""
@@ -182,6 +187,8 @@ class _ActivationProducts(TorchFunctionMode):
             return False
         if value.device.type == "meta":
             return True
+        if value.layout != torch.strided:  # a sparse weight (prunekit.sparse's CSR/BSR layers): no storage
+            return False
         return value.untyped_storage().data_ptr() not in self.weight_storages
 
     def _weight(self, value: torch.Tensor) -> bool:
@@ -252,7 +259,10 @@ def _positions(
     counted: dict[nn.Module, int] = {}
 
     def hook(module, inputs, output):
-        counted[module] = counted.get(module, 0) + applications(module, inputs, output)
+        if _is_sparse_layer(module):
+            counted[module] = counted.get(module, 0) + output.numel() // module.out_features
+        else:
+            counted[module] = counted.get(module, 0) + applications(module, inputs, output)
 
     names = {module: name for name, module in model.named_modules()}
     running: list[str] = []
@@ -276,7 +286,7 @@ def _positions(
         key_tokens[module] = key_tokens.get(module, 0) + keys
         counted[module.out_proj] = counted.get(module.out_proj, 0) + queries
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if counts_weight_macs(m)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if counts_weight_macs(m) or _is_sparse_layer(m)]
     handles += [
         m.register_forward_hook(attention_hook, with_kwargs=True)
         for m in model.modules()
@@ -337,7 +347,8 @@ def summary(model: nn.Module, example_inputs: Any = None, max_depth: int | None 
             rows.append(LayerStats(name, ATTENTION_KIND, 0, 0, products[name], products[name]))
 
     walk("", model)
-    return Summary(rows)
+    report = getattr(model, "prunekit_sparse", None)
+    return Summary(rows, notes=list(report.notes()) if hasattr(report, "notes") else [])
 
 
 def _grouped(report: Summary, model: nn.Module, depth: int) -> Summary:
@@ -367,6 +378,11 @@ def _weight_row(
     """The row of a module with parameters of its own (not counted in an earlier row), else none. A layer
     whose weight is shared with an earlier row (a language model's output layer tied to the input
     embedding) still computes: it gets a row with its MACs and no parameters."""
+    if _is_sparse_layer(module):  # counted as the dense layer it stands for, its kind naming the kernel
+        applied = (
+            positions.get(module, 0) if example_inputs is not None else int(module.counts_once_without_inputs) or None
+        )
+        return [LayerStats(name, *module.summary_counts(applied))]
     # A registered layer's weights count as its parameters even when it keeps them as buffers (int8).
     weights = applied_weights(module) if counts_weight_macs(module) else []
     own = list(module.parameters(recurse=False)) + [w for w in weights if not isinstance(w, nn.Parameter)]
