@@ -24,6 +24,7 @@ from . import attention as _attention  # noqa: F401  registers nn.MultiheadAtten
 from . import compressed, fhe, hf, oneshot, sparse
 from .api import prune
 from .compact import CompactionError, compact
+from .compare import Comparison, compare
 from .compressed import CompressedFileError, inspect_file, share_weights
 from .core.config import PruningConfig, StructuredOptions
 from .core.layers import ChannelMap, LayerHandler, register_layer, unregister_layer
@@ -48,6 +49,7 @@ from .plans import apply_plan
 from .pruner import Pruner
 from .recipes import Recipe, RecipeError, load_recipe
 from .saving import load_pruned, save_pruned
+from .sensitivity import Sensitivity, sensitivity
 from .sparse import to_dense, to_sparse
 from .structure import ChannelDependencies, UnsupportedOperationError, trace_dependencies
 from .summary import LayerStats, Summary, summary
@@ -71,6 +73,7 @@ __all__ = [
     "ChannelDependencies",
     "ChannelMap",
     "CompactionError",
+    "Comparison",
     "Constraint",
     "ConstraintContext",
     "CompressedFileError",
@@ -93,12 +96,14 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "Schedule",
+    "Sensitivity",
     "StructuredOptions",
     "Summary",
     "UnsupportedOperationError",
     "apply_plan",
     "bench",
     "compact",
+    "compare",
     "compressed",
     "data",
     "epochs_to_steps",
@@ -119,6 +124,7 @@ __all__ = [
     "register_granularity",
     "register_layer",
     "save_pruned",
+    "sensitivity",
     "share_weights",
     "sparse",
     "summary",

@@ -21,10 +21,12 @@ from . import checks
 from .assembly import assemble
 from .core import masks as mask_store
 from .core.config import StructuredOptions
+from .core.distributed import unwrap_data_parallel
 from .core.targets import LayerSelector, Target
 from .core.validation import check_whole
 from .engines.calibration import collect_statistics
 from .engines.constraints import apply_constraints
+from .engines.counting import unit_sparsity
 from .engines.persistence import read_state, write_state
 from .fhe.budget import AccumulatorBudget
 from .methods.constraints import Constraint
@@ -42,7 +44,11 @@ class Pruner:
 
     Args:
         model: any ``nn.Module``; its Linear and Conv weights are pruned unless ``include``/``exclude``
-            say otherwise (other layer types: :func:`prunekit.register_layer`).
+            say otherwise (other layer types: :func:`prunekit.register_layer`). A
+            ``DistributedDataParallel`` (or ``DataParallel``) model is unwrapped: the pruner prunes its
+            ``.module``, layer names carry no ``module.`` prefix, and under ``torch.distributed``
+            data-dependent scores are summed over the ranks so every rank gets the same masks
+            (:mod:`prunekit.core.distributed`).
         sparsity: final fraction of units to prune, in [0, 1) (0.9 = 90%). Not needed with ``pk.NM``.
         criterion: ``"magnitude"`` (L1), ``"l2"``, ``"gradient"``, ``"movement"``, ``"random"``, any name
             registered with :func:`prunekit.register_criterion`, a :class:`~prunekit.Criterion` or a
@@ -106,6 +112,7 @@ class Pruner:
         max_fan_in: int | AccumulatorBudget | None = None,
         constraints: Sequence[Constraint] = (),
     ):
+        model = unwrap_data_parallel(model)  # DDP / DataParallel: prune the inner module (names without "module.")
         parts = assemble(
             model, sparsity, criterion=criterion, granularity=granularity, scope=scope, schedule=schedule,
             layer_sparsity=layer_sparsity, include=include, exclude=exclude, min_kept=min_kept,
@@ -165,8 +172,16 @@ class Pruner:
         self.enforcer.apply()
 
     @property
+    def unit_sparsity(self) -> float:
+        """Fraction of the targeted units that are pruned now, units as the granularity counts them
+        (channels for ``"out_channel"``, blocks, weights for ``"weight"``; dependency groups' units with
+        coupled structured pruning). :attr:`sparsity` counts weights."""
+        return unit_sparsity(self.targets, self.granularity, self.dependencies)
+
+    @property
     def sparsity(self) -> float:
-        """Fraction of the targeted weights that are pruned now (biases not counted)."""
+        """Fraction of the targeted weights that are pruned now (weights, biases not counted; see
+        :attr:`unit_sparsity` for units)."""
         total = pruned = 0
         for target in self.targets:
             total += target.param.numel()
