@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.targets import LayerSelector, check_sparsity, find_targets
 from .api import prune
+from .core.targets import LayerSelector, check_sparsity, find_targets
 
 
 @dataclass
