@@ -345,6 +345,12 @@ def report(cnn: dict | None, minilm: dict | None, command: str) -> str:
                 f"{1 - row['params'] / dense_params:.1%} | {error} | {row['seconds']:.1f} |"
             )
     lines += ["", "## Findings", ""] + findings(cnn, minilm)
+    lines += [
+        "",
+        "One training seed, one calibration draw, one pruning per row (the methods are deterministic);",
+        "2,000 evaluation images (0.05 points = 1 image). No peer library offers structured pruning with",
+        "reconstruction to run beside these, so the anchors are the dense model and magnitude without correction.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -396,8 +402,8 @@ def plot(cnn: dict | None, minilm: dict | None, path: Path) -> None:
         axes.axhline(reference, color="black", linestyle="--", linewidth=1, label="dense")
         axes.set_xticks([i + width for i in range(len(CRITERIA))], CRITERIA)
         axes.set_title(title, fontsize=10)
-        axes.set_ylim(0, 1.05)
-        axes.legend(fontsize=8, loc="lower right")
+        axes.set_ylim(0, 1.25)
+        axes.legend(fontsize=8, loc="upper center", ncol=4)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
