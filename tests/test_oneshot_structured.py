@@ -295,6 +295,7 @@ def refusals():
         "no calibration": (dict(reconstruct=True, criterion="magnitude"), "calibration="),
         "empty calibration": (dict(criterion="wanda", calibration=[]), "empty"),
         "wanda without data": (dict(criterion="wanda"), "calibration="),
+        "unused calibration": (dict(criterion="magnitude", calibration=[x]), "does not read calibration"),
         "bad mode": (dict(reconstruct="yes", calibration=[x]), "reconstruct must be"),
         "bad damp": (dict(reconstruct=True, calibration=[x], damp=-1), "damp"),
         "unknown criterion": (dict(criterion="sparsegpt", calibration=[x]), "unknown criterion"),
