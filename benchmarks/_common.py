@@ -54,16 +54,20 @@ class PeakMemory:
         return False
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU model from /proc/cpuinfo (the platform's processor name elsewhere)."""
     try:
         with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """CPU model, cores, memory, Python and torch versions and torch's thread count, for a results file."""
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
-        f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB RAM; Python {platform.python_version()}, "
+        f"{cpu_model()}, {os.cpu_count()} cores, {memory_gib:.0f} GiB RAM; Python {platform.python_version()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
     )
 
@@ -73,6 +77,10 @@ def today() -> str:
 
 
 def write_result(name: str, text: str) -> Path:
+    """Write ``results/<name>.md``; a text that does not name the CPU model gets a ``Machine:`` line
+    (:func:`machine`: CPU model and thread count included), so every results file says where it ran."""
+    if cpu_model() not in text:
+        text = text.rstrip("\n") + f"\n\nMachine: {machine()}. Date: {today()}.\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
     path.write_text(text)

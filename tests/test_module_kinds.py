@@ -77,17 +77,19 @@ def test_fake_quant_layers_are_honoured():
         assert bool((layer.weight_fake_quant(layer.weight)[~keep] == 0).all())  # zero survives fake-quant
 
 
-@pytest.mark.parametrize(
-    "wrap, match",
-    [
-        (nn.DataParallel, r"DataParallel.*model\.module"),
-        pytest.param(torch.compile, r"torch\.compile.*model\._orig_mod", marks=pytest.mark.slow),  # imports dynamo
-    ],
-)
-def test_wrapped_and_compiled_models_are_refused(wrap, match):
+@pytest.mark.slow  # imports dynamo
+def test_compiled_models_are_refused():
+    model = torch.compile(make_mlp())
+    expect_refusal(model, lambda: pk.prune(model, 0.5), TypeError, r"torch\.compile.*model\._orig_mod")
+
+
+def test_a_data_parallel_model_is_pruned_inside_and_compaction_refuses_the_wrapper():
     inner = make_mlp()
-    model = wrap(inner)
-    expect_refusal(model, lambda: pk.prune(model, 0.5), TypeError, match)
+    model = nn.DataParallel(inner)
+    pruner = pk.prune(model, 0.5)  # the layers of model.module, named without the "module." prefix
+    assert pruner.model is inner and all(not t.name.startswith("module.") for t in pruner.targets)
+    with pytest.raises(TypeError, match=r"DataParallel.*model\.module"):
+        pk.compact(model, torch.randn(2, 8))
 
 
 def test_tied_weights_stay_tied_and_count_once():

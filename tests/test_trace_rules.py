@@ -306,3 +306,70 @@ def test_bookkeeping_runs_on_one_thread_and_restores_the_count_even_on_error():
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------- head counts compaction cannot update
+
+
+class FixedHeadCount(nn.Module):
+    """Attention that reshapes by its stored ``num_heads`` but has no head-size attribute (as timm's LeViT):
+    compaction cannot recount its heads, so removing one would break the reshape."""
+
+    def __init__(self, dim=16, num_heads=4):
+        super().__init__()
+        self.num_heads, self.key_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, self.num_heads, -1).permute(0, 2, 1, 3).split([self.key_dim] * 3, dim=-1)
+        attention = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attention @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+def _fixed_heads_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), FixedHeadCount(), nn.Linear(16, 4)).eval()
+
+
+def test_heads_stay_in_a_module_whose_head_count_compaction_cannot_update():
+    model, x = _fixed_heads_model(), torch.randn(2, 5, 8)
+    deps = pk.trace_dependencies(model, x, reuse=False)
+    assert int(deps.unit_is_head.sum()) == 0
+    pk.prune(model, sparsity=0.5, granularity="out_channel", example_inputs=x)
+    with torch.no_grad():
+        masked = model(x)
+    small = pk.compact(model, x)
+    assert small[1].qkv.out_features == 48 and small[0].out_features == 8
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked)
+
+
+def test_a_compacted_model_that_fails_is_refused_naming_the_module_and_line(monkeypatch):
+    import prunekit.structure.rules.movement as movement
+
+    monkeypatch.setattr(movement, "head_count_is_fixed", lambda module: False)  # heads offered, as before
+    model, x = _fixed_heads_model(), torch.randn(2, 5, 8)
+    assert int(pk.trace_dependencies(model, x, reuse=False).unit_is_head.sum()) == 4
+    pk.prune(model, sparsity=0.5, granularity="out_channel", example_inputs=x, prune_only="heads")
+    with pytest.raises(pk.CompactionError, match=r"in module '1', at `q, k, v = self.qkv\(x\).view.*exclude=\['1'\]"):
+        pk.compact(model, x)
+
+
+@pytest.mark.slow
+def test_levit_keeps_the_heads_of_its_attention_and_compacts():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", pretrained=False).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        model(x)  # fills LeViT's per-head attention-bias cache, so its biases no longer pin the heads
+    pk.prune(model, sparsity=0.3, granularity="out_channel", scope="local", example_inputs=x)
+    with torch.no_grad():
+        masked = model(x)
+    small = pk.compact(model, x)
+    attention = small.stages[2].blocks[0].attn
+    assert attention.num_heads == 8 and attention.qkv.linear.out_features == 512
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked, rtol=1e-4, atol=1e-4 * float(masked.abs().max()))

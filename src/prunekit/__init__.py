@@ -21,8 +21,10 @@ harness) and ``prunekit.data`` (dataset readers) load on first use.
 import importlib
 
 from . import attention as _attention  # noqa: F401  registers nn.MultiheadAttention's compaction
-from . import compressed, fhe, hf, sparse
+from . import compressed, fhe, hf, oneshot, sparse
+from .api import prune
 from .compact import CompactionError, compact
+from .compare import Comparison, compare
 from .compressed import CompressedFileError, inspect_file, share_weights
 from .core.config import PruningConfig, StructuredOptions
 from .core.layers import ChannelMap, LayerHandler, register_layer, unregister_layer
@@ -42,10 +44,12 @@ from .methods.criteria import (
 )
 from .methods.granularity import NM, Block, Granularity, register_granularity
 from .methods.schedules import Gradual, Iterative, OneShot, Schedule, epochs_to_steps
+from .oneshot import perplexity
 from .plans import apply_plan
-from .pruner import Pruner, prune
+from .pruner import Pruner
 from .recipes import Recipe, RecipeError, load_recipe
 from .saving import load_pruned, save_pruned
+from .sensitivity import Sensitivity, sensitivity
 from .sparse import to_dense, to_sparse
 from .structure import ChannelDependencies, UnsupportedOperationError, trace_dependencies
 from .summary import LayerStats, Summary, summary
@@ -69,6 +73,7 @@ __all__ = [
     "ChannelDependencies",
     "ChannelMap",
     "CompactionError",
+    "Comparison",
     "Constraint",
     "ConstraintContext",
     "CompressedFileError",
@@ -91,12 +96,14 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "Schedule",
+    "Sensitivity",
     "StructuredOptions",
     "Summary",
     "UnsupportedOperationError",
     "apply_plan",
     "bench",
     "compact",
+    "compare",
     "compressed",
     "data",
     "epochs_to_steps",
@@ -110,11 +117,14 @@ __all__ = [
     "load_recipe",
     "load_pruned",
     "masked_parameters",
+    "oneshot",
+    "perplexity",
     "prune",
     "register_criterion",
     "register_granularity",
     "register_layer",
     "save_pruned",
+    "sensitivity",
     "share_weights",
     "sparse",
     "summary",

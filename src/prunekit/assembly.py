@@ -174,7 +174,7 @@ def _granularity_description(granularity: Granularity) -> str | dict:
 
 def _check_criterion_inputs(criterion: Criterion, targets: list[Target], calibration: Iterable | None) -> None:
     needs = criterion.statistics
-    if needs and calibration is None:
+    if needs and calibration is None and not criterion.has_statistics():
         raise ValueError(
             f"criterion {criterion.name!r} reads activation statistics ({', '.join(needs)}): pass "
             "calibration= (a list of batches the model accepts)"

@@ -170,9 +170,11 @@ def _selected(selector, name: str, module: nn.Module) -> bool:
 
 
 def check_targets_have_values(targets: Iterable[Target]) -> None:
-    """Refuse weights on the meta device: they have no values to score."""
+    """Refuse weights on the meta device: they have no values to score. A layer that accelerate offloads
+    (its ``_hf_hook`` loads the weights for each call, from CPU memory or disk) is not refused: the
+    calibrated one-shot methods read its weights through that hook (:mod:`prunekit.oneshot.offload`)."""
     for target in targets:
-        if target.param.device.type == "meta":
+        if target.param.device.type == "meta" and getattr(target.module, "_hf_hook", None) is None:
             raise ValueError(
                 f"layer {target.name or '<root>'!r} has its weights on the meta device, where there are no values "
                 "to score: materialise the model first (model.to_empty(device=...) and load its weights); "

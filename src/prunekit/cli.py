@@ -4,7 +4,12 @@
 
     prunekit --version
     prunekit demo [--sparsity 0.9] [--steps 1500] [--out prunekit-demo.png] [--seed 0] [--quiet]
-    prunekit summary MODULE:FACTORY [--input-shape 1,3,224,224]
+    prunekit summary MODEL [--factory MODULE:FACTORY] [--input-shape 1,3,224,224] [--json] [--max-depth K]
+    prunekit prune MODEL --recipe r.yaml --out PATH [--factory MODULE:FACTORY] [--calibration FILE]
+                   [--compact] [--input-shape 1,3,224,224] [--json]
+
+MODEL is ``MODULE:FACTORY`` (e.g. ``torchvision.models:resnet18``), a file saved with
+``pk.save_pruned`` (rebuilt into ``--factory``'s architecture) or a Hugging Face folder.
 
 ``python -m prunekit`` does the same. Mistakes (a bad argument, a factory that cannot be imported, a
 model that does not accept the input shape) print one line to stderr and exit with status 2.
@@ -13,20 +18,20 @@ model that does not accept the input shape) print one line to stderr and exit wi
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .commands.models import LoadedModel, UsageError, example_inputs_for, load_factory, load_model
+from .commands.models import one_line as _one_line
+
+__all__ = ["main", "load_factory", "UsageError"]
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-
-class UsageError(Exception):
-    """A mistake of the user's; reported as one line on stderr, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,16 +79,35 @@ def _build_parser() -> _Parser:
         "summary",
         help="print parameters, non-zeros, sparsity and MACs of a model",
         description=(
-            "Import MODULE, call FACTORY() to build a model (or take it as is if it already is an nn.Module) "
-            "and print prunekit.summary of it. The current directory is importable."
+            "Print prunekit.summary of MODEL: MODULE:FACTORY (FACTORY() is called, or taken as is if it already "
+            "is an nn.Module; the current directory is importable), a file saved with pk.save_pruned (give "
+            "--factory) or a Hugging Face folder."
         ),
     )
-    summary.add_argument("factory", metavar="MODULE:FACTORY", help="e.g. torchvision.models:resnet18")
+    _model_arguments(summary)
+    summary.add_argument("--json", action="store_true", help="print the summary as JSON")
     summary.add_argument(
-        "--input-shape",
-        metavar="SHAPE",
-        help="comma-separated shape of a random example input, e.g. 1,3,224,224, to count conv MACs",
+        "--max-depth", type=int, metavar="K", help="one row per module at most K deep (1: the model's children)"
     )
+
+    prune = commands.add_parser(
+        "prune",
+        help="prune a model once, as a recipe says, and save it",
+        description=(
+            "Prune MODEL (as for summary) once, as the recipe says, write it to --out (save_pretrained for a "
+            "Hugging Face folder, pk.save_pruned otherwise) and print its summary. Nothing is written on a mistake."
+        ),
+    )
+    _model_arguments(prune)
+    prune.add_argument("--recipe", required=True, help="the recipe: a YAML file of pruner arguments")
+    prune.add_argument("--out", required=True, help="where to write the pruned model (must not exist)")
+    prune.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="batches for criteria that read activations: a .pt tensor file or a text file (tokenised by the folder's tokenizer)",
+    )
+    prune.add_argument("--compact", action="store_true", help="remove the pruned channels (structured recipes)")
+    prune.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
 
 
@@ -99,19 +123,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "summary":
             return _summary(args)
-        raise UsageError("choose a command: demo or summary (see prunekit --help)")
+        if args.command == "prune":
+            from .commands.prune import run_prune
+
+            args.input_shape = _parse_shape(args.input_shape) if args.input_shape is not None else None
+            run_prune(args)
+            return EXIT_OK
+        raise UsageError("choose a command: demo, summary or prune (see prunekit --help)")
     except UsageError as err:
         print(f"prunekit: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("prunekit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-def _one_line(err: BaseException) -> str:
-    """``Type: first line of the message`` of an exception."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -145,70 +169,41 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def load_factory(spec: str):
-    """Resolve ``"package.module:attribute"`` (the attribute may be dotted) to the object it names.
-
-    The current directory is importable, as with ``python -m``. Raises :class:`UsageError` with a
-    one-line message when the spec is malformed or cannot be imported.
-    """
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise UsageError(f"expected MODULE:FACTORY, e.g. torchvision.models:resnet18, got {spec!r}")
-    added = False
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-        added = True
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name is not None and (module_name == err.name or module_name.startswith(err.name + ".")):
-            raise UsageError(f"cannot import {module_name!r}: no module named {err.name!r}") from None
-        raise UsageError(f"importing {module_name!r} failed: {_one_line(err)}") from None
-    except Exception as err:  # the module itself raised (syntax error, missing dependency, ...)
-        raise UsageError(f"importing {module_name!r} failed: {_one_line(err)}") from None
-    finally:
-        if added:
-            sys.path.remove(os.getcwd())
-    found = module
-    for part in attribute.split("."):
-        try:
-            found = getattr(found, part)
-        except AttributeError:
-            raise UsageError(f"module {module_name!r} has no attribute {attribute!r}") from None
-    return found
+def _model_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "model",
+        metavar="MODEL",
+        help="MODULE:FACTORY (e.g. torchvision.models:resnet18), a pk.save_pruned file or a Hugging Face folder",
+    )
+    command.add_argument(
+        "--factory", metavar="MODULE:FACTORY", help="the architecture a pk.save_pruned file is rebuilt into"
+    )
+    command.add_argument(
+        "--input-shape",
+        metavar="SHAPE",
+        help="comma-separated shape of a random example input, e.g. 1,3,224,224, to count conv MACs",
+    )
 
 
 def _summary(args: argparse.Namespace) -> int:
-    import torch
-    from torch import nn
-
     from .summary import summary
 
     shape = _parse_shape(args.input_shape) if args.input_shape is not None else None
-    factory = load_factory(args.factory)
-    if isinstance(factory, nn.Module):
-        model = factory
-    elif callable(factory):
-        try:
-            model = factory()
-        except Exception as err:
-            raise UsageError(f"{args.factory}() failed: {_one_line(err)}") from None
-    else:
-        raise UsageError(f"{args.factory} is a {type(factory).__name__}, not a callable that returns a model")
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"{args.factory}() returned a {type(model).__name__}, not a torch.nn.Module")
-
-    example_inputs = None
-    if shape is not None:
-        param = next(model.parameters(), None)
-        example_inputs = torch.randn(shape, device=param.device if param is not None else None)
+    loaded: LoadedModel = load_model(args.model, args.factory)
+    example_inputs = example_inputs_for(loaded, shape, None)
+    if args.max_depth is not None and args.max_depth < 1:
+        raise UsageError(f"--max-depth is a module depth, at least 1, got {args.max_depth}")
     try:
-        table = summary(model, example_inputs=example_inputs)
+        table = summary(loaded.model, example_inputs=example_inputs, max_depth=args.max_depth)
     except Exception as err:
-        if shape is None:
+        if example_inputs is None:
             raise
-        raise UsageError(f"running the model on an input of shape {shape} failed: {_one_line(err)}") from None
+        what = f"an input of shape {shape}" if shape is not None else "its dummy inputs"
+        raise UsageError(f"running the model on {what} failed: {_one_line(err)}") from None
+    if args.json:
+        print(json.dumps({"model": args.model, **table.to_dict()}, indent=2))
+        return EXIT_OK
     where = "" if shape is None else f", input shape {tuple(shape)}"
-    print(f"{type(model).__name__} from {args.factory}{where}")
+    print(f"{type(loaded.model).__name__} from {args.model}{where}")
     print(table)
     return EXIT_OK

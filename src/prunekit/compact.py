@@ -15,6 +15,7 @@ needed.
 from __future__ import annotations
 
 import copy
+import traceback
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -100,10 +101,12 @@ def compact(
         try:
             result = _run(small, example_inputs)
         except Exception as error:
+            module_name, line = failure_site(small, error)
             raise CompactionError(
-                f"the compacted model fails on the example inputs ({type(error).__name__}: {error}). "
-                "Its forward probably uses a channel count or index written as a constant (e.g. x[:, :64] or "
-                "x.view(n, 512)); exclude the module doing it (exclude=[...]) so its channels stay"
+                f"the compacted model fails on the example inputs in module {module_name!r}, at `{line}` "
+                f"({type(error).__name__}: {error}). Its forward probably uses a channel or head count or an "
+                "index written as a constant (e.g. x[:, :64], x.view(n, 512) or self.num_heads); exclude that "
+                f"module (exclude=[{module_name!r}]) so its channels stay"
             ) from error
         try:
             _check(reference, result, tolerance)
@@ -144,6 +147,24 @@ def _warn_nothing_removed(model: nn.Module) -> None:
         UserWarning,
         stacklevel=3,
     )
+
+
+def failure_site(model: nn.Module, error: BaseException) -> tuple[str, str]:
+    """(name of the innermost module of ``model`` whose forward raised ``error``, the source line there
+    that raised it); ``"<the model's own forward>"`` and the last line for errors outside any submodule."""
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    found, line = None, "?"
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            found = names[id(owner)]
+    frames = traceback.extract_tb(error.__traceback__)
+    # The last line of the model's own code: frames below it are torch's.
+    for summary in reversed(frames):
+        if "/torch/" not in summary.filename.replace("\\", "/"):
+            line = (summary.line or "?").strip()
+            break
+    return (found or "<the model's own forward>"), line
 
 
 def _run_double(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .api import prune
 from .methods.schedules import Gradual
-from .pruner import Pruner, prune
+from .pruner import Pruner
 from .sparse import to_sparse
 from .sparse.choose import interleaved_seconds
 from .summary import summary

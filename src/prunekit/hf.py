@@ -34,16 +34,21 @@ Either way the config carries a ``prunekit`` entry, which ``save_pretrained`` wr
         "layers": {"attention_heads": {"model.layers.0.self_attn": 2, ...}, "key_value_heads": {...},
                    "head_dim": {...}, "mlp_width": {"model.layers.0.mlp.up_proj": 32, ...},
                    "hidden_size": 32},     # what each layer has now
-        "plan": {"format": "prunekit-plan/1", "kept": {...}}  # kept indices, see prunekit.compact
+        "plan": {"format": "prunekit-plan/1", "encoding": "prunekit-kept-bits/1",
+                 "index_sets": ["/w8=", ...],                   # each distinct list of kept indices, once
+                 "kept": {"model.layers.0.mlp.up_proj.weight": {"0": 0}, ...}}  # tensor → dim → set
     }
 
-The plan lists the kept indices of every sliced tensor, so on large models it makes config.json larger
-(megabytes for a 7B model). transformers is never imported here: a model is recognised as a
+The plan says which indices of every sliced tensor were kept (see :mod:`prunekit.compact`). In
+config.json each distinct list of kept indices is written once (the tensors cut by one dependency group
+share it), as a bitmap in base64: bit i of the bytes (least significant first) is set when index i was
+kept. A compacted BERT-base's plan is then a few kilobytes instead of half a megabyte of indices. transformers is never imported here: a model is recognised as a
 ``PreTrainedModel`` only when transformers is already loaded, so prunekit does not require it.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import os
 import sys
@@ -57,6 +62,7 @@ from . import plans as compaction
 
 CONFIG_ENTRY = "prunekit"
 ENTRY_FORMAT = "prunekit-hf/1"
+PLAN_ENCODING = "prunekit-kept-bits/1"
 
 # Config fields by what they describe, in order of preference: the first one the config has is the one
 # written. transformers' attribute_map makes aliases (GPT-2's n_head, T5's num_heads for
@@ -90,7 +96,53 @@ def saved_plan(model: nn.Module) -> dict[str, Any] | None:
     """The plan recorded in a Hugging Face model's config (a compacted checkpoint loaded with plain
     ``from_pretrained`` has the plan only there), or None."""
     entry = _entry(getattr(model, "config", None)) if is_pretrained_model(model) else None
-    return copy.deepcopy(entry["plan"]) if entry else None
+    return decode_plan(entry["plan"]) if entry else None
+
+
+def encode_plan(plan: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan as config.json stores it: each distinct kept-index list once, as a base64 bitmap (a list
+    that is not increasing, which compaction never makes, stays a list)."""
+    sets: list[Any] = []
+    found: dict[tuple[int, ...], int] = {}
+    kept: dict[str, dict[str, int]] = {}
+    for name, dims in plan.get("kept", {}).items():
+        for dim, indices in dims.items():
+            key = tuple(int(i) for i in indices)
+            if key not in found:
+                found[key] = len(sets)
+                sets.append(_bitmap(key) if all(a < b for a, b in zip(key, key[1:])) else list(key))
+            kept.setdefault(name, {})[str(dim)] = found[key]
+    return {
+        "format": plan.get("format", compaction.PLAN_FORMAT),
+        "encoding": PLAN_ENCODING,
+        "index_sets": sets,
+        "kept": kept,
+    }
+
+
+def decode_plan(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan :func:`encode_plan` stored (a plan stored with plain index lists is returned as it is)."""
+    if stored.get("encoding") is None:
+        return copy.deepcopy(dict(stored))
+    if stored["encoding"] != PLAN_ENCODING:
+        raise ValueError(f"unknown plan encoding {stored['encoding']!r} (this prunekit reads {PLAN_ENCODING!r})")
+    sets = [_indices(entry) for entry in stored["index_sets"]]
+    kept = {name: {dim: list(sets[i]) for dim, i in dims.items()} for name, dims in stored["kept"].items()}
+    return {"format": stored.get("format", compaction.PLAN_FORMAT), "kept": kept}
+
+
+def _bitmap(indices: tuple[int, ...]) -> str:
+    bits = bytearray((indices[-1] + 8) // 8 if indices else 0)
+    for index in indices:
+        bits[index >> 3] |= 1 << (index & 7)
+    return base64.b64encode(bytes(bits)).decode("ascii")
+
+
+def _indices(entry: Any) -> list[int]:
+    if isinstance(entry, list):
+        return [int(i) for i in entry]
+    bits = base64.b64decode(entry)
+    return [8 * byte_index + bit for byte_index, byte in enumerate(bits) for bit in range(8) if byte >> bit & 1]
 
 
 def _entry(config: Any) -> dict[str, Any] | None:
@@ -255,7 +307,7 @@ def record_in_config(model: nn.Module, plan: Mapping[str, Any]) -> None:
             "original": original,
             "added": added,
             "layers": sizes,
-            "plan": {"format": plan.get("format", compaction.PLAN_FORMAT), "kept": plan.get("kept", {})},
+            "plan": encode_plan(plan),
         },
     )
 
@@ -289,6 +341,7 @@ def from_pretrained(model_class: type, path: str | os.PathLike, **kwargs: Any) -
             f"the prunekit entry in {os.fspath(path)!r}/config.json has no valid plan "
             f"(expected format {compaction.PLAN_FORMAT!r}); was config.json edited?"
         )
+    plan = decode_plan(plan)
     delattr(config, CONFIG_ENTRY)
     _restore(config, entry["original"], list(entry.get("added", [])))
 

@@ -20,8 +20,15 @@ import torch
 from torch import nn
 
 from .core import masks as mask_store
-from .core.layers import handler_for, is_hf_conv1d
+from .core.layers import handler_for
 from .structure.dependencies import ChannelDependencies
+from .structure.heads import (  # noqa: F401  (attention_head_counts, projection_width: used by hf)
+    HEAD_COUNT_ATTRIBUTES,
+    HEADS_WIDTH_ATTRIBUTES,
+    KV_HEAD_COUNT_ATTRIBUTES,
+    attention_head_counts,
+    projection_width,
+)
 from .structure.registry import module_rule
 
 PLAN_FORMAT = "prunekit-plan/1"
@@ -235,54 +242,6 @@ def update_shape_attributes(module: nn.Module) -> None:
         registered.update_shapes(module)
 
 
-_HEAD_DIM = ("head_dim", "key_value_proj_dim", "attention_head_size", "d_kv", "dim_head")
-_HEAD_COUNT = ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads")
-_KV_HEAD_COUNT = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
-_HEADS_WIDTH = ("all_head_size", "inner_dim", "attn_dim")
-_QUERY = ("q_proj", "q", "query", "q_lin", "to_q", "q_attn")
-_KEY = ("k_proj", "k", "key", "k_lin", "to_k")
-
-
-def projection_width(layer: Any) -> int | None:
-    """Output width of a projection: an ``nn.Linear``, or Hugging Face's ``Conv1D`` (GPT-2), whose weight
-    is stored (in, out)."""
-    if isinstance(layer, nn.Linear):
-        return layer.out_features
-    if is_hf_conv1d(layer) and isinstance(getattr(layer, "weight", None), torch.Tensor):
-        return layer.weight.shape[1]
-    return None
-
-
-def attention_head_counts(module: nn.Module) -> tuple[int, int | None, int] | None:
-    """``(query heads, key/value heads or None, head size)`` of an attention module written in the
-    Hugging Face / timm style (a head-size attribute next to query/key projections, or one fused
-    projection computing q, k and v), counted from its projections' current widths; None for any
-    other module."""
-    head_dim = next((getattr(module, a) for a in _HEAD_DIM if isinstance(getattr(module, a, None), int)), None)
-    if not head_dim:
-        return None
-    query = next((getattr(module, n) for n in _QUERY if projection_width(getattr(module, n, None))), None)
-    key = next((getattr(module, n) for n in _KEY if projection_width(getattr(module, n, None))), None)
-    fused = getattr(module, "qkv", None) or getattr(module, "c_attn", None)  # timm's qkv, GPT-2's c_attn
-    fused_width = projection_width(fused)
-    if query is not None:
-        width = projection_width(query)
-    elif fused_width:
-        width = fused_width // 3
-    else:
-        return None
-    if width % head_dim:
-        return None
-    if key is not None:
-        key_width = projection_width(key)
-    elif fused_width and query is not None:
-        key_width = fused_width // 2  # GPT-2 cross-attention: q_attn makes q, c_attn makes k and v
-    else:
-        key_width = None
-    kv_heads = key_width // head_dim if key_width and key_width % head_dim == 0 else None
-    return width // head_dim, kv_heads, head_dim
-
-
 def update_attention_attributes(module: nn.Module) -> None:
     """Attention modules written in the Hugging Face / timm style keep their head counts in attributes
     next to a fixed head size: recount them from the query and key projections after heads were removed.
@@ -298,16 +257,16 @@ def update_attention_attributes(module: nn.Module) -> None:
         return
     heads, kv_heads, head_dim = counts
     width = heads * head_dim
-    for name in _HEAD_COUNT:
+    for name in HEAD_COUNT_ATTRIBUTES:
         if isinstance(getattr(module, name, None), int) and not isinstance(getattr(module, name), bool):
             setattr(module, name, heads)
-    for name in _HEADS_WIDTH:
+    for name in HEADS_WIDTH_ATTRIBUTES:
         if isinstance(getattr(module, name, None), int):
             setattr(module, name, width)
     if isinstance(getattr(module, "split_size", None), int):
         module.split_size = width
     if kv_heads:
-        for name in _KV_HEAD_COUNT:
+        for name in KV_HEAD_COUNT_ATTRIBUTES:
             if isinstance(getattr(module, name, None), int):
                 setattr(module, name, kv_heads)
         if isinstance(getattr(module, "num_key_value_groups", None), int) and heads % kv_heads == 0:

@@ -21,10 +21,12 @@ from . import checks
 from .assembly import assemble
 from .core import masks as mask_store
 from .core.config import StructuredOptions
+from .core.distributed import unwrap_data_parallel
 from .core.targets import LayerSelector, Target
 from .core.validation import check_whole
 from .engines.calibration import collect_statistics
 from .engines.constraints import apply_constraints
+from .engines.counting import unit_sparsity
 from .engines.persistence import read_state, write_state
 from .fhe.budget import AccumulatorBudget
 from .methods.constraints import Constraint
@@ -42,7 +44,11 @@ class Pruner:
 
     Args:
         model: any ``nn.Module``; its Linear and Conv weights are pruned unless ``include``/``exclude``
-            say otherwise (other layer types: :func:`prunekit.register_layer`).
+            say otherwise (other layer types: :func:`prunekit.register_layer`). A
+            ``DistributedDataParallel`` (or ``DataParallel``) model is unwrapped: the pruner prunes its
+            ``.module``, layer names carry no ``module.`` prefix, and under ``torch.distributed``
+            data-dependent scores are summed over the ranks so every rank gets the same masks
+            (:mod:`prunekit.core.distributed`).
         sparsity: final fraction of units to prune, in [0, 1) (0.9 = 90%). Not needed with ``pk.NM``.
         criterion: ``"magnitude"`` (L1), ``"l2"``, ``"gradient"``, ``"movement"``, ``"random"``, any name
             registered with :func:`prunekit.register_criterion`, a :class:`~prunekit.Criterion` or a
@@ -106,6 +112,7 @@ class Pruner:
         max_fan_in: int | AccumulatorBudget | None = None,
         constraints: Sequence[Constraint] = (),
     ):
+        model = unwrap_data_parallel(model)  # DDP / DataParallel: prune the inner module (names without "module.")
         parts = assemble(
             model, sparsity, criterion=criterion, granularity=granularity, scope=scope, schedule=schedule,
             layer_sparsity=layer_sparsity, include=include, exclude=exclude, min_kept=min_kept,
@@ -165,8 +172,16 @@ class Pruner:
         self.enforcer.apply()
 
     @property
+    def unit_sparsity(self) -> float:
+        """Fraction of the targeted units that are pruned now, units as the granularity counts them
+        (channels for ``"out_channel"``, blocks, weights for ``"weight"``; dependency groups' units with
+        coupled structured pruning). :attr:`sparsity` counts weights."""
+        return unit_sparsity(self.targets, self.granularity, self.dependencies)
+
+    @property
     def sparsity(self) -> float:
-        """Fraction of the targeted weights that are pruned now (biases not counted)."""
+        """Fraction of the targeted weights that are pruned now (weights, biases not counted; see
+        :attr:`unit_sparsity` for units)."""
         total = pruned = 0
         for target in self.targets:
             total += target.param.numel()
@@ -228,7 +243,7 @@ class Pruner:
         if self.dependencies is not None:  # running statistics too: compaction slices them
             touched += [(piece.full_name, piece.tensor) for piece in self.dependencies.slices]
         checks.check_finite({id(tensor): (name, tensor) for name, tensor in touched}.values())
-        if self.criterion.statistics:
+        if self.criterion.statistics and self.calibration is not None:
             self.criterion.use_statistics(
                 collect_statistics(self.model, self.targets, self.calibration, self.criterion.statistics)
             )
@@ -317,6 +332,20 @@ class Pruner:
         self._removed = True
         return self.model
 
+    def mark_pruned(self) -> None:
+        """Record that the one-shot event has happened outside the pruner (a calibrated method such as
+        SparseGPT stored the masks and changed the weights): :meth:`step` will not prune again, and the
+        attached optimizers forget their state at the pruned entries."""
+        self._check_alive()
+        self._last_event = max(self._last_event, 0)
+        self.enforcer.forget()
+        self.enforcer.clear_optimizer_state()
+
+    def abandon(self) -> None:
+        """Drop this pruner's hooks after a failed one-shot call, leaving the masks as they are."""
+        self._unhook()
+        self.enforcer.detach_all()
+
     def _unhook(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -354,35 +383,3 @@ class Pruner:
 
     def __deepcopy__(self, memo):
         raise TypeError("a Pruner is tied to its model; deepcopy the model and build a new pk.Pruner for the copy")
-
-
-def prune(model: nn.Module, sparsity: float | None = None, **options: Any) -> Pruner:
-    """Prune ``model`` once, now, and return the :class:`Pruner` holding its masks.
-
-    Takes the same arguments as :class:`Pruner` (except ``schedule``). Keep the returned pruner to
-    fine-tune with the masks enforced (call ``pruner.step()`` after each optimizer step, or attach the
-    optimizer), or call ``pruner.remove()`` for a plain model.
-
-    Example::
-
-        pk.prune(model, sparsity=0.9, criterion="magnitude", granularity="weight", scope="global")
-    """
-    if "schedule" in options:
-        raise TypeError("pk.prune prunes once, now; for a schedule use pk.Pruner(..., schedule=...)")
-    # --- issue 11 (branch structured-oneshot): structured pruning from calibration data, with reconstruction
-    from .methods.granularity import get_granularity
-
-    structured = get_granularity(options.get("granularity", "weight")).name == "out_channel"
-    if "reconstruct" in options or (structured and options.get("calibration") is not None):
-        from .oneshot.structured import prune_structured_with_calibration
-
-        return prune_structured_with_calibration(model, sparsity, **{"granularity": "weight", **options})
-    # --- end issue 11 dispatch
-    pruner = Pruner(model, sparsity, **options)
-    try:
-        pruner.prune()
-    except BaseException:
-        pruner._unhook()  # the failed prune changed no mask; only the new hooks must go
-        pruner.enforcer.detach_all()
-        raise
-    return pruner

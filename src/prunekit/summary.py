@@ -311,14 +311,22 @@ def _positions(
     return counted, products.macs, key_tokens
 
 
-def summary(model: nn.Module, example_inputs: Any = None) -> Summary:
+def summary(model: nn.Module, example_inputs: Any = None, max_depth: int | None = None) -> Summary:
     """Count parameters, non-zeros and MACs of ``model``, per module and in total.
 
     ``example_inputs``: a tensor, a tuple of positional inputs or a dict of keyword inputs; the model
     runs once on it (in eval mode, without gradients) to learn how often each layer is applied.
+    ``max_depth``: one row per module at most this deep (1: the model's children), summing the rows of
+    the modules inside it (attention products stay rows of their own); the totals do not change.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if max_depth is not None:
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1:
+            raise ValueError(
+                f"max_depth is a module depth, a whole number >= 1 (1: the model's children), got {max_depth!r}"
+            )
+        return _grouped(summary(model, example_inputs), model, max_depth)
     positions, products, key_tokens = _positions(model, example_inputs) if example_inputs is not None else ({}, {}, {})
     rows: list[LayerStats] = []
     seen: set[int] = set()
@@ -341,6 +349,27 @@ def summary(model: nn.Module, example_inputs: Any = None) -> Summary:
     walk("", model)
     report = getattr(model, "prunekit_sparse", None)
     return Summary(rows, notes=list(report.notes()) if hasattr(report, "notes") else [])
+
+
+def _grouped(report: Summary, model: nn.Module, depth: int) -> Summary:
+    """``report`` with the rows of modules deeper than ``depth`` summed into their ancestor at ``depth``."""
+    groups: dict[tuple[str, bool], LayerStats] = {}
+    for row in report.layers:
+        prefix = ".".join(row.name.split(".")[:depth])
+        attention = row.kind == ATTENTION_KIND
+        group = groups.get((prefix, attention))
+        if group is None:
+            kind = ATTENTION_KIND if attention else type(model.get_submodule(prefix)).__name__
+            groups[(prefix, attention)] = LayerStats(
+                prefix, kind, row.params, row.nonzero_params, row.macs, row.nonzero_macs
+            )
+            continue
+        group.params += row.params
+        group.nonzero_params += row.nonzero_params
+        if row.macs is not None:
+            group.macs = (group.macs or 0) + row.macs
+            group.nonzero_macs = (group.nonzero_macs or 0) + (row.nonzero_macs or 0)
+    return Summary(list(groups.values()), list(report.notes))
 
 
 def _weight_row(

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.distributed import is_distributed, max_across_ranks, sum_across_ranks
 from ..core.inputs import call_model
 from ..core.targets import Target
 
@@ -100,12 +101,42 @@ def collect_statistics(
             handle.remove()
         for module, training in was_training:
             module.training = training
-    if batches == 0:
+    if max_across_ranks(batches) == 0:
         raise ValueError("calibration= gave no batches; pass a list of batches the model accepts")
+    if is_distributed():  # every rank calibrated on its own batches: sum them, so all ranks agree
+        _sum_across_ranks(stats, targets, names)
     for found in stats.values():
         if "input_sum" in found:
             found["input_mean"] = found.pop("input_sum") / found["tokens"].clamp(min=1)
     return stats
+
+
+def _sum_across_ranks(
+    stats: dict[str, dict[str, torch.Tensor]], targets: Sequence[Target], names: Sequence[str]
+) -> None:
+    """Sum every statistic over the ranks; a layer that a rank's batches never reached counts zeros
+    there (its channel count is taken from the ranks that did see it)."""
+    kept = ["tokens"] + [{"input_mean": "input_sum"}.get(n, n) for n in names if n != "tokens"]
+    # Only the ranks that saw a layer contribute its channel count (the same on each of them).
+    channels = torch.tensor([_channels_seen(stats[t.full_name]) for t in targets], dtype=torch.float64)
+    seen = torch.tensor([float("tokens" in stats[t.full_name]) for t in targets], dtype=torch.float64)
+    sum_across_ranks([channels, seen])
+    tensors = []
+    for target, total, ranks in zip(targets, channels.tolist(), seen.tolist()):
+        found, width = stats[target.full_name], round(total / ranks) if ranks else 0
+        for name in kept:
+            if name not in found:
+                shape = {"tokens": (), "input_gram": (width, width)}.get(name, (width,))
+                found[name] = torch.zeros(shape, device=target.param.device)
+            tensors.append(found[name])
+    sum_across_ranks(tensors)
+
+
+def _channels_seen(found: dict[str, torch.Tensor]) -> int:
+    for name in ("input_sq_norm", "input_sum", "input_gram"):
+        if name in found:
+            return found[name].shape[0]
+    return 0
 
 
 def _add(found: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:

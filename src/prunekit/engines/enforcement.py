@@ -21,14 +21,21 @@ from .update import MaskKey, MaskUpdate, ScratchBuffers
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The ``torch.optim.Optimizer`` inside a framework's wrapper (Accelerate's ``AcceleratedOptimizer``
-    and Lightning's ``LightningOptimizer`` keep it as ``.optimizer`` / ``._optimizer``)."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and seen < 8:
-        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+    """The ``torch.optim.Optimizer`` inside a framework's wrapper: Accelerate's ``AcceleratedOptimizer``
+    (itself an Optimizer subclass, whose own hook tables are never set up) keeps it as ``.optimizer``,
+    Lightning's ``LightningOptimizer`` as ``._optimizer``. Wrappers of wrappers are unwrapped too."""
+    for _ in range(8):
+        inner = next(
+            (
+                found
+                for found in (getattr(optimizer, "optimizer", None), getattr(optimizer, "_optimizer", None))
+                if found is not None and found is not optimizer and hasattr(found, "param_groups")
+            ),
+            None,
+        )
         if inner is None:
             break
-        optimizer, seen = inner, seen + 1
+        optimizer = inner
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer (or wrap one), got {type(optimizer).__name__}")
     return optimizer
@@ -172,9 +179,14 @@ class MaskEnforcer:
         if id(inner) in self._optimizers:
             return inner
         handles = []
-        if self.mask_gradients_before_step:
-            handles.append(inner.register_step_pre_hook(self._before_optimizer_step))
-        handles.append(inner.register_step_post_hook(self._after_optimizer_step))
+        try:  # all hooks or none: a failed attach leaves the optimizer as it was
+            if self.mask_gradients_before_step:
+                handles.append(inner.register_step_pre_hook(self._before_optimizer_step))
+            handles.append(inner.register_step_post_hook(self._after_optimizer_step))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
         self._optimizers[id(inner)] = (inner, handles)
         self._covered = None
         self.clear_optimizer_state([inner])

@@ -33,7 +33,7 @@ from ..core.masks import MASK_PREFIX
 from ..core.targets import LayerSelector, selector_list, selector_matches
 from .calls import tensor_leaves
 from .channels import DimRange
-from .labels import broadcast_dims, ids_of, narrow_first
+from .labels import broadcast_dims, ids_of, narrow_first, unbroadcast
 from .threads import one_thread
 from .tracer import ChannelTracer, UnsupportedOperationError
 
@@ -283,6 +283,16 @@ def _units(model: nn.Module, tracer: ChannelTracer) -> ChannelDependencies:
         misfit[_partial_roots(root, label, dim)] = True
     for label, outer, inner in tracer.splits:
         misfit[_misfits(root, label, outer, inner)] = True
+    # Heads split in a module whose head count compaction cannot update stay (they would leave the
+    # module reshaping to its old head count).
+    if tracer.fixed_head_splits:
+        head_root = torch.zeros(graph.size, dtype=torch.bool)
+        for head_ids in tracer.heads:
+            head_root[root.index_select(0, head_ids[head_ids >= 0])] = True
+        for label in tracer.fixed_head_splits:
+            roots = _roots_of(root, unbroadcast(label)).reshape(-1)
+            roots = roots[roots > 0]
+            misfit[roots[head_root.index_select(0, roots)]] = True
     removable &= ~misfit.index_select(0, root)
     removable[0] = False
     # Units are numbered by their root (the smallest id in them): a running count over the roots in use

@@ -74,6 +74,9 @@ class ChannelTracer(TorchFunctionMode):
         #: (output labels, outer dims, inner dims) of every reshape that split one dimension in several
         #: (heads from a projection, groups in a channel shuffle), checked once units are known.
         self.splits: list[tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]] = []
+        #: Labels of the splits made in a module whose head count compaction cannot update (see
+        #: :func:`prunekit.structure.heads.head_count_is_fixed`): the heads in them must stay.
+        self.fixed_head_splits: list[torch.Tensor] = []
         #: One id per attention head (per slice of an activation × activation product): the units they
         #: end up in are heads, which ``prune_only="heads"`` / ``"width"`` tell apart from channels.
         self.heads: list[torch.Tensor] = []
@@ -129,13 +132,21 @@ class ChannelTracer(TorchFunctionMode):
     @property
     def where(self) -> str:
         """The name of the innermost module of the model whose code is running (for messages)."""
+        module = self.running_module()
+        if module is not None:
+            return self.module_names[id(module)] or ROOT_FORWARD
+        return self.stack[-1] if self.stack and self.stack[-1] else ROOT_FORWARD
+
+    def running_module(self) -> nn.Module | None:
+        """The innermost module of the model whose code is running, found from the Python frames (None
+        when no module's code is on the stack)."""
         frame = sys._getframe(1)
         while frame is not None:
             module = frame.f_locals.get("self")
             if module is not None and self._modules.get(id(module)) is module:
-                return self.module_names[id(module)] or ROOT_FORWARD
+                return module
             frame = frame.f_back
-        return self.stack[-1] if self.stack and self.stack[-1] else ROOT_FORWARD
+        return None
 
     def advice(self, where: str, name: str) -> str:
         """What to do about an operation ``name`` the tracer cannot follow in module ``where``."""

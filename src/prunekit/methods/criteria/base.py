@@ -75,6 +75,10 @@ class Criterion:
         """Scores of ``target``'s weights, a float tensor of the weight's shape."""
         raise NotImplementedError
 
+    def has_statistics(self) -> bool:
+        """Whether the criterion already holds the statistics it reads (then no ``calibration=`` is needed)."""
+        return False
+
     def use_statistics(self, statistics: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Receive ``{target full name: {statistic name: tensor}}`` before :meth:`prepare` (only
         called for criteria that list ``statistics``)."""

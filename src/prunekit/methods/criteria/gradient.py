@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...core.distributed import is_distributed, max_across_ranks, sum_across_ranks
 from ...core.targets import Target
 from .base import Criterion, register_criterion
 
@@ -38,6 +39,8 @@ class GradientProduct(Criterion):
         self.data, self.loss_fn = data, loss_fn
         self.sums: dict[str, torch.Tensor] = {}
         self.batches_seen = 0
+        #: Under torch.distributed, the part of ``sums`` every rank already shares (see _agree_across_ranks).
+        self._agreed: dict[str, torch.Tensor] = {}
 
     def _accumulate(self, target: Target, grad: torch.Tensor) -> None:
         total = self.sums.get(target.full_name)
@@ -57,13 +60,29 @@ class GradientProduct(Criterion):
 
     def prepare(self, model, targets):
         if self.data is not None:
-            self.sums, self.batches_seen = {}, 0
+            self.sums, self.batches_seen, self._agreed = {}, 0, {}
             self._from_data(model, targets)
+        self._agree_across_ranks(targets)
         if self.batches_seen == 0:
             raise ValueError(
                 f"criterion {self.name!r} needs gradients and has seen none: pass data= (batches) and "
                 "loss_fn=, or prune from a pk.Pruner after backward passes"
             )
+
+    def _agree_across_ranks(self, targets: list[Target]) -> None:
+        """Under torch.distributed, add up what every rank accumulated from its own batches since the
+        sums last agreed, so all ranks score (and mask) alike. Only the new part is summed: the sums
+        kept across events (movement) would otherwise be counted once per rank again at every event."""
+        if not is_distributed():
+            return
+        agreed = [self._agreed.get(t.full_name) for t in targets]
+        deltas = [self._sum(t) - (0 if a is None else a) for t, a in zip(targets, agreed)]
+        sum_across_ranks(deltas)
+        for target, before, delta in zip(targets, agreed, deltas):
+            total = delta if before is None else before + delta
+            self.sums[target.full_name] = total
+            self._agreed[target.full_name] = total.clone()
+        self.batches_seen = max_across_ranks(self.batches_seen)
 
     def _from_data(self, model: nn.Module, targets: list[Target]) -> None:
         params = [t.param for t in targets]
@@ -95,7 +114,7 @@ class GradientProduct(Criterion):
 
     def finish(self):
         if self.reset_after_prune and self.data is None:
-            self.sums, self.batches_seen = {}, 0
+            self.sums, self.batches_seen, self._agreed = {}, 0, {}
 
     def state_dict(self):
         return {"sums": {k: v.clone() for k, v in self.sums.items()}, "batches_seen": self.batches_seen}
@@ -108,6 +127,8 @@ class GradientProduct(Criterion):
             raise ValueError(f"the saved state of criterion {self.name!r} has a bad batch count {seen!r}")
         self.sums = {k: v.clone() for k, v in sums.items()}
         self.batches_seen = seen
+        # Every rank loads the same saved sums, so they are shared from here on.
+        self._agreed = {k: v.clone() for k, v in sums.items()} if is_distributed() else {}
 
 
 class Gradient(GradientProduct):

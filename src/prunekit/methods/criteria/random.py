@@ -6,13 +6,14 @@ import zlib
 
 import torch
 
+from ...core.distributed import rank_zero_int
 from .base import Criterion, register_criterion
 
 
 class Random(Criterion):
     """Uniform random scores from a generator seeded with ``seed``: a baseline, reproducible run to run.
 
-    Within one pruning event a weight keeps the same score however often it is asked for; every
+    Under torch.distributed every rank uses rank 0's scores. Within one pruning event a weight keeps the same score however often it is asked for; every
     event draws new scores.
     """
 
@@ -27,7 +28,8 @@ class Random(Criterion):
         self._event_seed = 0
 
     def prepare(self, model, targets):
-        self._event_seed = int(torch.randint(1 << 62, (1,), generator=self.generator))
+        # Under torch.distributed every rank takes rank 0's draw, so all ranks prune the same weights.
+        self._event_seed = rank_zero_int(int(torch.randint(1 << 62, (1,), generator=self.generator)))
 
     def score(self, target):
         param = target.param

@@ -17,6 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..calls import first_given, is_float_tensor, tensor_leaves
+from ..heads import head_count_is_fixed
 from ..labels import NONE, ids_of
 from ..ops import op_name
 from ..registry import register_rule
@@ -101,6 +102,7 @@ def note_splits(tracer, before: tuple[int, ...], out: torch.Tensor, label: torch
     """Record every dimension of ``before`` that a reshape to ``out``'s shape split in several."""
     after = tuple(out.shape)
     i = j = 0
+    split = False
     while i < len(before) and j < len(after):
         start_i, start_j = i, j
         size_in, size_out = before[i], after[j]
@@ -113,6 +115,9 @@ def note_splits(tracer, before: tuple[int, ...], out: torch.Tensor, label: torch
                 size_out *= after[j]
         dims = [d for d in range(start_j, j + 1) if after[d] > 1]
         if i == start_i and len(dims) > 1:
+            if not split and head_count_is_fixed(tracer.running_module()):
+                tracer.fixed_head_splits.append(label)
+            split = True
             for cut in range(1, len(dims)):
                 tracer.splits.append((label, tuple(dims[:cut]), tuple(dims[cut:])))
         i, j = i + 1, j + 1

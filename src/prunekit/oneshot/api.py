@@ -1,0 +1,257 @@
+"""One entry for data-aware one-shot pruning: :func:`prune_with_calibration` (``pk.prune`` calls it when
+``calibration`` is given, the criterion is ``"wanda"``/``"sparsegpt"``, or ``layer_sparsity="owl"``).
+
+Everything is validated first (:func:`plan_calibrated`, which touches nothing); then the blocks are pruned
+one at a time from their own inputs (:func:`run_calibrated`, see :mod:`prunekit.oneshot.blocks`). Only the
+Linear layers inside the blocks are pruned (embeddings, the LM head and pooler/classifier stay dense,
+as in the SparseGPT and Wanda papers); the result lists the layers left out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..core import masks as mask_store
+from ..core.layers import is_hf_conv1d
+from ..core.targets import LayerSelector, Target
+from ..methods.criteria import Criterion
+from ..methods.granularity import Granularity
+from .blocks import next_inputs, run_block
+from .calibration import CalibrationError, LinearStats, capture_inputs
+from .offload import read_weight, write_weight
+from .owl import outlier_count, owl_sparsities
+from .plan import OneShotPlan, plan_calibrated, pruner_options, wants_calibration
+from .rows import keep_n_of_m, keep_per_row
+from .sparsegpt import sparsegpt_prune
+from .wanda import wanda_keep, wanda_scores
+
+
+@dataclass
+class OneShotResult:
+    """What :func:`run_calibrated` did: per layer, the sparsity asked for and reached (fractions)."""
+
+    criterion: str
+    granularity: str
+    blocks: list[str]
+    target_sparsity: dict[str, float] = field(default_factory=dict)
+    sparsity: dict[str, float] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)
+    batches: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    #: Fraction of the pruned layers' weights that are masked, over all of them.
+    overall_sparsity: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.criterion} ({self.granularity}) on {len(self.sparsity)} layers in {len(self.blocks)} blocks, "
+            f"{self.batches} calibration batches ({self.tokens} tokens per layer), {self.seconds:.1f} s; "
+            f"sparsity {self.overall_sparsity:.4f}"
+        ]
+        if self.left_out:
+            lines.append(f"left dense (outside the blocks): {', '.join(self.left_out)}")
+        return "\n".join(lines)
+
+
+def _bar(total: int, enabled: bool, what: str):
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=what, unit="block", leave=False)
+        except ImportError:
+            pass
+    return None
+
+
+def _in_features(t: Target) -> int:
+    return t.oik_shape[1]
+
+
+def _out_in(t: Target, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.t() if is_hf_conv1d(t.module) else tensor
+
+
+def _layer_sparsity(plan: OneShotPlan, t: Target, block_sparsity: float) -> float:
+    sparsity = plan.overrides.get(t.name, block_sparsity)
+    numel = t.param.numel()
+    return min(sparsity, max(0.0, (numel - plan.min_kept) / numel))
+
+
+@torch.no_grad()
+def _prune_layer(plan: OneShotPlan, t: Target, stats: LinearStats, sparsity: float) -> torch.Tensor:
+    """Prune one Linear; return its keep-mask in the weight's own layout."""
+    weight = _out_in(t, read_weight(t.module))
+    nm = plan.nm
+    new = None
+    if plan.criterion == "sparsegpt":
+        new, keep = sparsegpt_prune(weight, stats.hessian(), sparsity, nm, name=t.full_name, overwrite_hessian=True)
+    elif plan.criterion == "wanda":
+        keep = wanda_keep(weight, stats.sq_norms, sparsity, nm)
+        plan.wanda.stats[t.full_name] = stats.sq_norms.detach().cpu().clone()
+    else:  # magnitude, layer-wise
+        scores = weight.detach().abs().float()
+        if nm is not None:
+            keep = keep_n_of_m(scores, *nm)
+        else:
+            keep = keep_per_row(scores.reshape(1, -1), round(scores.numel() * sparsity)).view_as(scores)
+    keep = _out_in(t, keep.to(weight.device)).contiguous()
+    if t.param.device.type == "meta" or new is not None:
+        values = _out_in(t, weight if new is None else new.to(weight.device)) * keep
+        write_weight(t.module, values)  # offloaded weights are zeroed where they are kept
+    mask_store.set_mask(t.module, "weight", keep if t.param.device.type == "meta" else keep.to(t.param.device))
+    return keep
+
+
+def _collect(block: nn.Module, targets: list[Target], inputs, plan: OneShotPlan, *, hessian: bool) -> dict:
+    stats = {
+        t.full_name: LinearStats(t.module, _in_features(t), sq_norms=not hessian, hessian=hessian) for t in targets
+    }
+    try:
+        for index in range(len(inputs.args)):
+            for s in stats.values():
+                s.mask = inputs.masks[index]
+            run_block(block, inputs, index, plan.storage)
+    finally:
+        for s in stats.values():
+            s.remove()
+    return stats
+
+
+def _owl_block_sparsities(plan: OneShotPlan, bar) -> list[list[float]]:
+    """OWL pass over the dense model: each block's outlier ratio of Wanda scores, then its sparsity."""
+    ratios, sizes = [], []
+    for (_, stack), stack_targets in zip(plan.stacks, plan.block_targets):
+        inputs = capture_inputs(plan.model, stack[0], plan.batches, plan.storage)
+        for block, targets in zip(stack, stack_targets):
+            if targets:
+                stats = _collect(block, targets, inputs, plan, hessian=False)
+                outliers = total = 0
+                for t in targets:
+                    scores = wanda_scores(_out_in(t, read_weight(t.module)), stats[t.full_name].sq_norms)
+                    outliers += outlier_count(scores)
+                    total += scores.numel()
+                ratios.append(outliers / total)
+                sizes.append(total)
+            inputs = next_inputs(block, inputs, plan.storage)
+            if bar is not None:
+                bar.update(1)
+    spread = iter(owl_sparsities(ratios, sizes, plan.sparsity))
+    return [[next(spread) if targets else plan.sparsity for targets in stack] for stack in plan.block_targets]
+
+
+def run_calibrated(plan: OneShotPlan) -> OneShotResult:
+    """Prune the planned model block by block (sequentially) and store the masks on its layers."""
+    started = time.perf_counter()
+    model = plan.model
+    modes = {m: m.training for m in model.modules()}
+    result = OneShotResult(
+        plan.criterion, plan.granularity.name, [f"{p}.{i}" for p, s in plan.stacks for i in range(len(s))]
+    )
+    result.left_out = list(plan.left_out)
+    result.batches = len(plan.batches)
+    num_blocks = sum(len(s) for _, s in plan.stacks)
+    bar = _bar(num_blocks * (2 if plan.owl else 1), plan.progress, f"prunekit {plan.criterion}")
+    model.eval()
+    try:
+        if plan.owl:
+            block_sparsity = _owl_block_sparsities(plan, bar)
+        else:
+            block_sparsity = [[plan.sparsity] * len(s) for _, s in plan.stacks]
+        pruned = kept = 0
+        for s, (_, stack) in enumerate(plan.stacks):
+            inputs = capture_inputs(model, stack[0], plan.batches, plan.storage)
+            for b, block in enumerate(stack):
+                targets = plan.block_targets[s][b]
+                layer_sparsity = {t.full_name: _layer_sparsity(plan, t, block_sparsity[s][b]) for t in targets}
+                active = [t for t in targets if layer_sparsity[t.full_name] > 0.0]
+                if active:
+                    stats = _collect(block, active, inputs, plan, hessian=plan.criterion == "sparsegpt")
+                    for t in active:
+                        layer_stats = stats.pop(t.full_name)  # freed as soon as its layer is pruned
+                        keep = _prune_layer(plan, t, layer_stats, layer_sparsity[t.full_name])
+                        result.target_sparsity[t.full_name] = plan.sparsity if plan.nm else layer_sparsity[t.full_name]
+                        result.sparsity[t.full_name] = 1.0 - float(keep.float().mean())
+                        kept += int(keep.sum())
+                        pruned += keep.numel() - int(keep.sum())
+                        result.tokens = layer_stats.tokens
+                        del layer_stats
+                if b + 1 < len(stack):
+                    inputs = next_inputs(block, inputs, plan.storage)
+                if bar is not None:
+                    bar.update(1)
+            del inputs
+        result.overall_sparsity = pruned / max(pruned + kept, 1)
+    finally:
+        if bar is not None:
+            bar.close()
+        for module, mode in modes.items():
+            module.training = mode
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def prune_with_calibration(
+    model: nn.Module,
+    sparsity: float | None = None,
+    *,
+    criterion: str | Criterion = "wanda",
+    granularity: str | Granularity = "weight",
+    calibration: Iterable | None = None,
+    layer_sparsity: str | Mapping[str, float] | None = None,
+    include: LayerSelector | Iterable[LayerSelector] | None = None,
+    exclude: LayerSelector | Iterable[LayerSelector] | None = None,
+    min_kept: int = 1,
+    blocks: str | Sequence[str] | None = None,
+    offload: bool | str = "auto",
+    progress: bool = True,
+) -> OneShotResult:
+    """Prune ``model`` once from calibration data, block by block, and store the masks on its layers.
+
+    Args:
+        sparsity: fraction of each pruned layer's weights to remove, in [0, 1) (not needed with ``pk.NM``).
+        criterion: ``"wanda"`` (|W_ij|·‖X_j‖₂ per output row, Sun et al. 2023), ``"sparsegpt"`` (OBS
+            pruning with weight update, Frantar & Alistarh 2023) or ``"magnitude"`` (with OWL only).
+        granularity: ``"weight"`` (unstructured) or ``pk.NM(n, m)``.
+        calibration: an iterable of batches the model accepts (tensor, tuple or dict), read once.
+        layer_sparsity: ``"owl"`` (Yin et al. 2024: layer sparsities from outlier ratios, within ±0.08 of
+            ``sparsity``, total exact) or ``{name pattern: sparsity}`` overrides (0.0 leaves a layer dense).
+        include / exclude / min_kept: as for :class:`prunekit.Pruner` (min_kept: weights per layer).
+        blocks: path(s) of the ``nn.ModuleList`` of blocks, when they are not found automatically.
+        offload: keep the captured activations on the CPU (``"auto"``: when the model is on a GPU).
+        progress: show a progress bar over blocks (tqdm, when installed).
+
+    Raises ``ValueError``/``TypeError``/:class:`CalibrationError` before touching the model on bad input.
+    """
+    plan = plan_calibrated(
+        model,
+        sparsity,
+        criterion=criterion,
+        granularity=granularity,
+        calibration=calibration,
+        layer_sparsity=layer_sparsity,
+        include=include,
+        exclude=exclude,
+        min_kept=min_kept,
+        blocks=blocks,
+        offload=offload,
+        progress=progress,
+    )
+    return run_calibrated(plan)
+
+
+__all__ = [
+    "CalibrationError",
+    "OneShotPlan",
+    "OneShotResult",
+    "plan_calibrated",
+    "prune_with_calibration",
+    "pruner_options",
+    "run_calibrated",
+    "wants_calibration",
+]
