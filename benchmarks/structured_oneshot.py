@@ -97,15 +97,18 @@ def run_cnn(data_root: str, epochs: float, calibration_images: int) -> dict:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 pruner = prune_structured_with_calibration(
-                    model, 0.5, calibration=calib, example_inputs=calib[0], criterion=criterion, reconstruct=mode
+                    model,
+                    0.5,
+                    calibration=_needed(calib, criterion, mode),
+                    example_inputs=calib[0],
+                    criterion=criterion,
+                    reconstruct=mode,
                 )
             seconds = time.perf_counter() - started
             rows.append(cnn_row(criterion, MODE_NAMES[mode], model, split, calib, seconds, pruner, caught))
     model = copy.deepcopy(dense)
     started = time.perf_counter()
-    pruner = prune_structured_with_calibration(
-        model, 0.5, calibration=calib, example_inputs=calib[0], criterion="magnitude"
-    )
+    pruner = prune_structured_with_calibration(model, 0.5, example_inputs=calib[0], criterion="magnitude")
     reestimate_batchnorm(model, calib)
     rows.append(
         cnn_row("magnitude", "BatchNorm re-estimation", model, split, calib, time.perf_counter() - started, pruner, [])
@@ -138,6 +141,11 @@ def cnn_row(criterion, mode, model, split, calib, seconds, pruner, caught) -> di
         "mean_error_after": _mean([r.error_after for r in refits]),
         "warnings": sorted({str(w.message)[:200] for w in caught if "prunekit" in str(w.filename)}),
     }
+
+
+def _needed(calib: list, criterion: str, mode) -> list | None:
+    """The calibration batches, or None where neither the criterion nor the reconstruction reads them."""
+    return calib if criterion != "magnitude" or mode else None
 
 
 def _mean(values):
@@ -220,7 +228,8 @@ def run_minilm(calibration_texts: int, evaluation_texts: int, max_length: int) -
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             pruner = prune_structured_with_calibration(
-                model, 0.15, sparsity_in="params", calibration=calib, example_inputs=calib[0], criterion=criterion,
+                model, 0.15, sparsity_in="params", calibration=_needed(calib, criterion, mode), example_inputs=calib[0],
+                criterion=criterion,
                 reconstruct=mode, damp=damp,
             )  # fmt: skip
         seconds = time.perf_counter() - started
@@ -345,6 +354,12 @@ def report(cnn: dict | None, minilm: dict | None, command: str) -> str:
                 f"{1 - row['params'] / dense_params:.1%} | {error} | {row['seconds']:.1f} |"
             )
     lines += ["", "## Findings", ""] + findings(cnn, minilm)
+    lines += [
+        "",
+        "One training seed, one calibration draw, one pruning per row (the methods are deterministic);",
+        "2,000 evaluation images (0.05 points = 1 image). No peer library offers structured pruning with",
+        "reconstruction to run beside these, so the anchors are the dense model and magnitude without correction.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -396,8 +411,8 @@ def plot(cnn: dict | None, minilm: dict | None, path: Path) -> None:
         axes.axhline(reference, color="black", linestyle="--", linewidth=1, label="dense")
         axes.set_xticks([i + width for i in range(len(CRITERIA))], CRITERIA)
         axes.set_title(title, fontsize=10)
-        axes.set_ylim(0, 1.05)
-        axes.legend(fontsize=8, loc="lower right")
+        axes.set_ylim(0, 1.25)
+        axes.legend(fontsize=8, loc="upper center", ncol=4)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

@@ -295,6 +295,7 @@ def refusals():
         "no calibration": (dict(reconstruct=True, criterion="magnitude"), "calibration="),
         "empty calibration": (dict(criterion="wanda", calibration=[]), "empty"),
         "wanda without data": (dict(criterion="wanda"), "calibration="),
+        "unused calibration": (dict(criterion="magnitude", calibration=[x]), "does not read calibration"),
         "bad mode": (dict(reconstruct="yes", calibration=[x]), "reconstruct must be"),
         "bad damp": (dict(reconstruct=True, calibration=[x], damp=-1), "damp"),
         "unknown criterion": (dict(criterion="sparsegpt", calibration=[x]), "unknown criterion"),
@@ -408,7 +409,7 @@ def test_refit_lifts_the_real_minilm_well_above_magnitude_scored_heads_and_neuro
     for criterion, mode in (("magnitude", False), ("wanda", True)):
         model = copy.deepcopy(dense)
         pk.prune(model, sparsity=0.15, sparsity_in="params", granularity="out_channel", criterion=criterion,
-                 calibration=calib, example_inputs=calib[0], reconstruct=mode)  # fmt: skip
+                 calibration=calib if mode else None, example_inputs=calib[0], reconstruct=mode)  # fmt: skip
         cosines[criterion] = float((embeddings(model) * reference).sum(-1).mean())
         small = pk.compact(model, example_inputs=calib[0])
         removed = 1 - sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in dense.parameters())

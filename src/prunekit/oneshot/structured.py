@@ -177,6 +177,11 @@ def prune_structured_with_calibration(
             f"{needs} needs calibration= (an iterable of batches the model accepts, e.g. tokenizer outputs); "
             f"{'it was empty' if calibration is not None else 'it is missing'}"
         )
+    if batches and not (data_aware or mode):
+        raise ValueError(
+            f"criterion {criterion!r} without reconstruct does not read calibration data: drop calibration=, "
+            "or use criterion='wanda' / 'flap', or reconstruct=True / 'bias'"
+        )
     scorer = ACTIVATION_CRITERIA[criterion]() if data_aware else WEIGHT_CRITERIA[criterion]()
     pruner = Pruner(
         model, sparsity, criterion=scorer, granularity="out_channel", example_inputs=example_inputs,
