@@ -38,7 +38,8 @@ def owl_sparsities(
     weights = weights / weights.sum()
     deviation = ratios - (weights * ratios).sum()
     largest = float(deviation.abs().max())
-    if largest == 0.0:
+    # Equal ratios leave only rounding in the deviations; spreading that by λ would break the total.
+    if largest <= 1e-9 * float(ratios.abs().max()):
         return [float(target)] * len(sizes)
     limit = min(spread, target, 1.0 - target - 1e-6)  # stay within [0, 1)
     return [float(target - limit * d / largest) for d in deviation]
