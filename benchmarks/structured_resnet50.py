@@ -20,6 +20,8 @@ fresh copy of the model where the step changes it; medians of wall-clock and pro
   channel groups) against ``tp.DependencyGraph().build_dependency(model, example_inputs=x)``, which
   records the graph only: Torch-Pruning finds its groups later, inside the pruner's step, so a second
   row adds its ``get_all_groups`` to compare the same work;
+- defaults: ``pk.prune(...)`` then ``pk.compact(model, example_inputs=x)`` as a user writes them (the masks
+  stay on, the compacted model is a copy and its outputs are checked) against Torch-Pruning's prune;
 - pruning: ``pk.prune(...).remove()`` then ``pk.compact(model, x, inplace=True, check=False)``
   against ``MetaPruner(...)`` then ``step()``, tracing included on both sides. Torch-Pruning checks
   nothing; prunekit's ``check=True`` (the default) runs the masked model and the compacted one on
@@ -57,6 +59,12 @@ def _prunekit_prune(model, x, check: bool = False):
     return pk.compact(model, x, inplace=True, check=check)
 
 
+def _prunekit_defaults(model, x):
+    """What a user writes: pk.prune, then pk.compact with its defaults (a copy, and the exactness check)."""
+    pk.prune(model, 0.5, criterion="l2", granularity="out_channel", scope="local", example_inputs=x)
+    return pk.compact(model, example_inputs=x)
+
+
 def _torch_pruning_prune(model, x):
     import torch_pruning as tp
 
@@ -87,8 +95,14 @@ def _step_timings(x, rounds: int) -> tuple[dict[str, tuple[float, float]], dict[
         "prunekit prune + compact": lambda model: _prunekit_prune(model, x),
         "Torch-Pruning prune": lambda model: _torch_pruning_prune(model, x),
         "prunekit prune + compact, check=True": lambda model: _prunekit_prune(model, x, check=True),
+        "prunekit defaults": lambda model: _prunekit_defaults(model, x),
     }
-    fresh = {"prunekit prune + compact", "Torch-Pruning prune", "prunekit prune + compact, check=True"}
+    fresh = {
+        "prunekit prune + compact",
+        "Torch-Pruning prune",
+        "prunekit prune + compact, check=True",
+        "prunekit defaults",
+    }
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
     results = {}
     for _ in range(rounds):
@@ -160,6 +174,7 @@ Steps on 1×3×224×224 example inputs, {torch.get_num_threads()} threads, media
 {_row("trace, groups included (same work)", step["prunekit trace"], step["Torch-Pruning trace + groups"])}
 {_row("prune + compact (traces included)", step["prunekit prune + compact"], step["Torch-Pruning prune"])}
 {_row("prune + compact with check=True", step["prunekit prune + compact, check=True"], step["Torch-Pruning prune"])}
+{_row("defaults: pk.prune, then pk.compact(model, x) (a copy, checked)", step["prunekit defaults"], step["Torch-Pruning prune"])}
 
 Torch-Pruning's trace records the graph only; its groups are found in the pruner's step, so the second
 row adds its `get_all_groups`. prunekit's trace returns the coupled groups. `check=True` (the default)

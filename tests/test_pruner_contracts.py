@@ -255,3 +255,27 @@ def test_a_copy_of_the_model_is_refused_by_deepcopy_of_the_pruner():
     pruner = pk.prune(mlp(), 0.5)
     with pytest.raises(TypeError, match="deepcopy the model"):
         copy.deepcopy(pruner)
+
+
+def test_compaction_zeroes_masked_weights_of_kept_units_too():
+    model = mlp()
+    x = torch.randn(3, 8)
+    pk.prune(model, 0.5, granularity="out_channel", example_inputs=x)
+    with pytest.warns(UserWarning, match="already"):  # a second pruner on the same parameters
+        pk.prune(model, 0.8)  # unstructured masks beside the removed units
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # stale: the masked entries are no longer zero
+    kept_rows = pk.masked_parameters(model)["0.weight"].any(dim=1)
+    keep = pk.masked_parameters(model)["0.weight"][kept_rows]
+    with pytest.raises(pk.CompactionError):  # the masked model computes with the stale values...
+        pk.compact(model, x)
+    small = pk.compact(model, x, check=False)
+    assert not bool(small[0].weight.detach()[~keep].any())  # ...the compacted one has zeros there
+
+
+def test_count_kept_reads_the_packed_bits():
+    from prunekit.core.masks import count_kept, pack_mask
+
+    for numel in (1, 7, 8, 9, 1000):
+        keep = torch.rand(numel) < 0.3
+        assert count_kept(pack_mask(keep)) == int(keep.sum())

@@ -532,8 +532,8 @@ def test_compact_check_catches_a_wrong_compaction(cached, monkeypatch):
         model = copy.deepcopy(model)
     sliced_copy = compact_module.sliced_copy
 
-    def wrong(model, plan):  # slices as planned, then changes one kept weight
-        small = sliced_copy(model, plan)
+    def wrong(model, plan, *more):  # slices as planned, then changes one kept weight
+        small = sliced_copy(model, plan, *more)
         with torch.no_grad():
             small.head.weight[0, 0] += 1.0
         return small

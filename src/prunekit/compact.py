@@ -70,7 +70,15 @@ def compact(
     checks.check_flags(prune_outputs=prune_outputs, inplace=inplace, check=check)
     tolerance = checks.check_tolerance(tolerance)
     dependencies, traced = trace_with_output(model, example_inputs, exclude, prune_outputs)
-    pruned_units = removed_units(dependencies)
+    masks: dict[tuple[int, str], torch.Tensor | None] = {}
+
+    def mask_of(module: nn.Module, name: str) -> torch.Tensor | None:  # each mask unpacked once
+        key = (id(module), name)
+        if key not in masks:
+            masks[key] = mask_store.get_mask(module, name)
+        return masks[key]
+
+    pruned_units = removed_units(dependencies, mask_of)
     plan = make_plan(dependencies, pruned_units)
     if not plan["kept"]:
         _warn_nothing_removed(model)
@@ -94,7 +102,7 @@ def compact(
                         mask_store.remove_mask(module, param_name)
         apply_plan(small, plan)
     else:
-        small = sliced_copy(model, plan)
+        small = sliced_copy(model, plan, mask_of)
     small.prunekit_plan = compose_plans(earlier, plan)
     record_plan(small, small.prunekit_plan)
     if check:

@@ -170,7 +170,9 @@ def _update_shapes(model: nn.Module, changed: list[nn.Module]) -> None:
 
 
 @torch.no_grad()
-def sliced_copy(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
+def sliced_copy(
+    model: nn.Module, plan: Mapping[str, Any], mask_of: Callable[[nn.Module, str], torch.Tensor | None] | None = None
+) -> nn.Module:
     """A deep copy of ``model`` with the plan applied and no masks, in which every tensor the plan slices
     is copied already sliced (its pruned entries zeroed): no full-size copy of those tensors is made."""
     work = _plan_work(model, plan)
@@ -180,13 +182,16 @@ def sliced_copy(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
         tensor = getattr(module, tensor_name)
         if id(tensor) in memo:  # shared by two modules: one copy, as deepcopy would make
             continue
-        keep = mask_store.get_mask(module, tensor_name) if tensor_name in module._parameters else None
-        source = tensor.detach() if keep is None else tensor.detach() * keep
-        new = _sliced(source, dims)
+        new = _sliced(tensor, dims)
+        packed = module._buffers.get(mask_store.mask_buffer_name(tensor_name))
+        # Masked entries that survive the slicing (unstructured masks beside the units) are zeroed. When
+        # the mask prunes exactly as many entries as the slicing removes, none survives: no unpacking.
+        if packed is not None and tensor.numel() - mask_store.count_kept(packed) != tensor.numel() - new.numel():
+            read = mask_store.get_mask if mask_of is None else mask_of
+            new.mul_(_sliced(read(module, tensor_name).view(torch.uint8), dims))  # uint8: no type promotion
         memo[id(tensor)] = (
             nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
         )
-        packed = module._buffers.get(mask_store.mask_buffer_name(tensor_name))
         if packed is not None:
             memo[id(packed)] = packed  # not copied: the copy's mask of a sliced tensor is dropped below
     small = copy.deepcopy(model, memo)

@@ -146,6 +146,15 @@ def zero_pruned(tensor: torch.Tensor, keep: torch.Tensor) -> None:
     tensor.mul_(keep.view(torch.uint8))
 
 
+_POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)
+
+
+def count_kept(packed: torch.Tensor) -> int:
+    """How many entries a :func:`pack_mask` mask keeps, read off the packed bytes (padding bits are 0)."""
+    counts = torch.bincount(packed.reshape(-1).int(), minlength=256)
+    return int(counts.dot(_POPCOUNT.to(counts.device)))
+
+
 def mask_buffer_name(param_name: str) -> str:
     return MASK_PREFIX + param_name
 

@@ -148,5 +148,5 @@ class CoupledEngine:
         update = MaskUpdate()
         for full_name, keep in unit_keep_masks(deps, pruned).items():
             module, param_name = self.maskable[full_name]
-            update.add_packed(module, param_name, full_name, mask_store.pack_mask(keep))
+            update.add_packed(module, param_name, full_name, mask_store.pack_mask(keep), keep)
         return update

@@ -127,10 +127,13 @@ class MaskEnforcer:
         self._enforced = None
         largest = max((8 * p.numel() for p in update.packed.values()), default=0)
         buffer = None if cache or largest < 1 << 16 else torch.empty(largest, dtype=torch.uint8)
-        for (module, param_name, full_name), packed in update.packed.items():
+        for key, packed in update.packed.items():
+            module, param_name, full_name = key
             param = getattr(module, param_name)
-            out = buffer if buffer is not None and buffer.device == packed.device else None
-            keep = mask_store.unpack_mask(packed, param.shape, out=out)
+            keep = update.unpacked.get(key)
+            if keep is None or keep.device != param.device:
+                out = buffer if buffer is not None and buffer.device == packed.device else None
+                keep = mask_store.unpack_mask(packed, param.shape, out=out)
             mask_store.set_mask(module, param_name, keep, packed)
             self._keep_cache.pop(full_name, None)
             if cache:

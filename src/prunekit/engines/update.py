@@ -27,13 +27,24 @@ class MaskUpdate:
 
     packed: dict[MaskKey, torch.Tensor] = field(default_factory=dict)
     magnitude_cuts: dict[MaskKey, tuple[float, torch.Tensor | None]] = field(default_factory=dict)
+    #: The bool form of some packed masks, when the engine had it at hand (saves unpacking them again).
+    unpacked: dict[MaskKey, torch.Tensor] = field(default_factory=dict)
 
-    def add_packed(self, module: nn.Module, param_name: str, full_name: str, packed: torch.Tensor) -> None:
-        """Record ``module.<param_name>``'s new packed mask, intersected with its old one."""
+    def add_packed(
+        self, module: nn.Module, param_name: str, full_name: str, packed: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> None:
+        """Record ``module.<param_name>``'s new packed mask, intersected with its old one; ``keep`` is
+        the same mask unpacked (bool, the tensor's shape), if the caller has it."""
+        key = (module, param_name, full_name)
         old = module._buffers.get(mask_store.mask_buffer_name(param_name))
         if old is not None:
             packed &= old.to(packed.device)
-        self.packed[(module, param_name, full_name)] = packed.to(getattr(module, param_name).device)
+            keep = None  # the intersection is only packed
+        self.packed[key] = packed.to(getattr(module, param_name).device)
+        if keep is not None:
+            self.unpacked[key] = keep
+        else:
+            self.unpacked.pop(key, None)
 
     def add(self, target: Target, keep_oik: torch.Tensor, prunes_bias: bool) -> None:
         """Record a target's new ``(O, I, K)`` keep mask and, when ``prunes_bias`` and units are whole

@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Mapping
 
 import torch
+from torch import nn
 
 from ..core import masks as mask_store
 from .dependencies import ChannelDependencies
@@ -140,10 +141,15 @@ def unit_keep_masks(dependencies: ChannelDependencies, pruned: torch.Tensor) -> 
     return {name: mask.contiguous() for name, mask in masks.items()}
 
 
-def removed_units(dependencies: ChannelDependencies) -> torch.Tensor:
+def removed_units(
+    dependencies: ChannelDependencies, mask_of: Callable[[nn.Module, str], torch.Tensor | None] | None = None
+) -> torch.Tensor:
     """Bool per unit: True when the unit's channels are zero: every parameter slice that makes them
     (filters, biases, norm weights) is pruned, i.e. masked, or all zeros where the parameter has no mask.
-    Input columns that read the channels and buffers (running statistics) do not count: they go with it."""
+    Input columns that read the channels and buffers (running statistics) do not count: they go with it.
+    ``mask_of(module, tensor name)`` reads a mask (default :func:`prunekit.core.masks.get_mask`; a
+    caching reader spares unpacking masks twice)."""
+    mask_of = mask_store.get_mask if mask_of is None else mask_of
     # One spare slot at the end takes the indices in no unit (a where instead of boolean-mask indexing).
     spare = dependencies.num_units
     gone = torch.ones(spare + 1, dtype=torch.bool)
@@ -151,7 +157,7 @@ def removed_units(dependencies: ChannelDependencies) -> torch.Tensor:
     for piece in dependencies.slices:
         if not piece.maskable or piece.consumer:
             continue
-        keep = mask_store.get_mask(piece.module, piece.tensor_name)
+        keep = mask_of(piece.module, piece.tensor_name)
         values = piece.tensor.detach()
         size = values.shape[piece.dim]
         if values.device.type == "meta":
