@@ -199,6 +199,8 @@ def test_run_demo_short(tmp_path, capsys):
     assert result["sparsity"] == pytest.approx(0.8, abs=1e-3)
     assert 0.0 <= result["pruned_accuracy"] <= 1.0 and 0.0 <= result["dense_accuracy"] <= 1.0
     assert result["dense_latency_ms"] > 0 and result["fast_latency_ms"] > 0
+    # the compressed file of the 80%-pruned model is several times smaller than the dense state dict
+    assert result["pruned_file_bytes"] * 3 < result["dense_file_bytes"]
     assert all(kernel in ("csr", "csr-linear", "bsr", "dense") for kernel in result["fast_kernels"].split(", "))
     curve = result["gradual_curve"]
     assert [p["step"] for p in curve] == sorted(p["step"] for p in curve)

@@ -279,3 +279,11 @@ def test_count_kept_reads_the_packed_bits():
     for numel in (1, 7, 8, 9, 1000):
         keep = torch.rand(numel) < 0.3
         assert count_kept(pack_mask(keep)) == int(keep.sum())
+
+
+def test_compact_refuses_an_exclude_entry_that_matches_nothing():
+    model = mlp()
+    x = torch.randn(3, 8)
+    pk.prune(model, 0.5, granularity="out_channel", example_inputs=x)
+    with pytest.raises(ValueError, match="exclude entry 'nope' matches no module"):
+        pk.compact(model, x, exclude=["nope"])

@@ -13,6 +13,7 @@ compares the result with one-shot pruning of the dense model without any retrain
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import nn
 from .api import prune
 from .methods.schedules import Gradual
 from .pruner import Pruner
+from .saving import save_pruned
 from .sparse import to_sparse
 from .sparse.choose import interleaved_seconds
 from .summary import summary
@@ -76,6 +78,16 @@ def _latency(dense: nn.Module, pruned: nn.Module, inputs: torch.Tensor) -> dict[
         "fast_latency_ms": 1e3 * seconds["fast"],
         "fast_kernels": kernels,
     }
+
+
+def _file_sizes(dense: nn.Module, pruned: nn.Module) -> dict[str, int]:
+    """Bytes of ``torch.save`` of the dense state dict and of the pruned model saved compressed
+    (``pk.save_pruned(..., sparse=True)``: its non-zero values and their positions, entropy-coded)."""
+    with tempfile.TemporaryDirectory() as folder:
+        dense_path, small_path = Path(folder) / "dense.pt", Path(folder) / "pruned.pk"
+        torch.save(dense.state_dict(), dense_path)
+        save_pruned(pruned, small_path, sparse=True)
+        return {"dense_file_bytes": dense_path.stat().st_size, "pruned_file_bytes": small_path.stat().st_size}
 
 
 @torch.no_grad()
@@ -213,7 +225,9 @@ def run_demo(
         the first one dense), ``dense_summary`` / ``pruned_summary`` (:class:`prunekit.Summary`),
         ``plot`` (the plot's path), ``dense_latency_ms`` / ``fast_latency_ms`` (milliseconds per pass on the
         test set of the dense model and of the pruned one after :func:`prunekit.to_sparse`), ``fast_kernels``
-        (each layer's kernel, e.g. "csr, csr, dense") and ``seconds`` (wall time in seconds).
+        (each layer's kernel, e.g. "csr, csr, dense"), ``dense_file_bytes`` / ``pruned_file_bytes`` (bytes of
+        ``torch.save`` of the dense state dict and of the pruned model saved with
+        ``pk.save_pruned(..., sparse=True)``) and ``seconds`` (wall time in seconds).
 
     Raises:
         ImportError: scikit-learn, matplotlib or tqdm is missing (``pip install "prunekit[demo]"``).
@@ -344,6 +358,8 @@ def _run(
     _save_plot(matplotlib, out, result)
     latency = _latency(dense_copy, model, x_test)
     result.update(latency)
+    sizes = _file_sizes(dense_copy, model)
+    result.update(sizes)
     result["seconds"] = time.perf_counter() - started
 
     say(
@@ -361,6 +377,9 @@ def _run(
         f"Latency on the {len(y_test)} test images (1 thread, median of interleaved runs): dense "
         f"{latency['dense_latency_ms']:.3f} ms, pruned with pk.to_sparse ({latency['fast_kernels']}) "
         f"{latency['fast_latency_ms']:.3f} ms (x{latency['dense_latency_ms'] / latency['fast_latency_ms']:.2f}).",
+        f"File size: dense state dict {sizes['dense_file_bytes'] / 1024:.1f} KiB (torch.save), pruned model "
+        f"{sizes['pruned_file_bytes'] / 1024:.1f} KiB (pk.save_pruned(..., sparse=True), lossless; "
+        f"x{sizes['dense_file_bytes'] / sizes['pruned_file_bytes']:.1f} smaller).",
         f"Plot of accuracy against sparsity written to {out} ({result['seconds']:.1f} s in all).",
     )
     return result

@@ -148,15 +148,16 @@ def trace_with_output(
             "which channels are coupled, e.g. example_inputs=torch.randn(1, 3, 224, 224)"
         )
     selectors = selector_list(exclude, "exclude")
-    excluded = (
-        [
-            module
-            for name, module in model.named_modules()
-            if name and any(selector_matches(selector, name, module) for selector in selectors)
-        ]
-        if selectors
-        else []
-    )
+    named = list(model.named_modules()) if selectors else []
+    for selector in selectors:  # a typo would otherwise leave the module it meant pruned
+        if not any(name and selector_matches(selector, name, module) for name, module in named):
+            shown = selector.__name__ if isinstance(selector, type) else repr(selector)
+            raise ValueError(f"exclude entry {shown} matches no module of the model; fix or remove it")
+    excluded = [
+        module
+        for name, module in named
+        if name and any(selector_matches(selector, name, module) for selector in selectors)
+    ]
     key = _signature(model, example_inputs, excluded, prune_outputs)
     cached = _CACHE.get(model) if reuse else None
     if cached is not None and cached[0] == key:
