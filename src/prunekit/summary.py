@@ -1,5 +1,8 @@
 """Summary: parameters, non-zeros, sparsity and MACs, per layer and in total.
 
+Over 400 lines because the table, its rows for weights, for nn.MultiheadAttention and for
+activation × activation products, and the one forward pass that counts them share their bookkeeping.
+
 MACs (multiply-accumulates) are counted for Linear, Conv, ConvTranspose and Hugging Face ``Conv1D``
 (GPT-2's linear layer, weight stored (in, out)) layers from shapes, for one forward pass of
 ``example_inputs`` as given (batch included). A weight that is zero does no useful work, so "non-zero

@@ -1,5 +1,8 @@
 """Sweeps: methods × compressions × seeds, each pruned model fine-tuned with the same budget.
 
+Over 400 lines because a sweep (methods × compressions × seeds), its fine-tuning loop and its
+progress reporting are one protocol, read top to bottom.
+
 The protocol follows ShrinkBench (Blalock et al. 2020, "What is the State of Neural Network Pruning?"):
 train a dense model per seed, prune a copy of it with each method to each compression, fine-tune it
 with a fixed budget, and report accuracy against compression with the spread over seeds.

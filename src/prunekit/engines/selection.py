@@ -1,6 +1,6 @@
 """Selection: given unit scores, decide exactly which units to prune.
 
-Why this file is long: it is one algorithm (sample, bracket, count, narrow), whose passes share
+Over 400 lines because it is one algorithm (sample, bracket, count, narrow), whose passes share
 small private helpers that mean nothing on their own.
 
 :func:`find_cut` finds where to cut so that exactly ``k`` units are pruned across a list of layers

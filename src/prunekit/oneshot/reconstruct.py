@@ -1,5 +1,8 @@
 """Reconstruction after structured pruning: refit the layers that read removed channels.
 
+Over 400 lines because finding the layers that read removed channels, the least-squares refit and
+the bias compensation share one walk over the model and its restore-on-failure bookkeeping.
+
 When channels (MLP neurons, attention heads, conv channels) are removed, every *consumer* layer loses
 input columns. Two corrections are offered:
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .calls import is_float_tensor, tensor_leaves
+from .errors import UnsupportedOperationError
 
 
 class ModuleCall:
@@ -129,8 +130,6 @@ class ModuleCall:
         try:
             trace(self)
         except Exception as error:
-            from .tracer import UnsupportedOperationError
-
             if isinstance(error, UnsupportedOperationError):
                 raise
             raise UnsupportedOperationError(

@@ -30,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .calls import is_float_tensor, tensor_leaves
 from .channels import ChannelGraph
+from .errors import UnsupportedOperationError  # noqa: F401  (raised here; re-exported)
 from .labels import NONE, PINNED_LABEL, encode, ids_of, unbroadcast
 from .ops import op_name
 from .registry import find_rule, module_rule
@@ -38,10 +39,6 @@ from .threads import one_thread
 ROOT_FORWARD = "<the model's own forward>"
 #: Operations that write into their first argument: the tracer keeps its labels from before the write.
 WRITES = frozenset({"setitem", "copy"})
-
-
-class UnsupportedOperationError(RuntimeError):
-    """The tracer met an operation it cannot follow channels through."""
 
 
 class ChannelTracer(TorchFunctionMode):

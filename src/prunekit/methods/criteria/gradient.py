@@ -10,7 +10,8 @@ from torch import nn
 
 from ...core.distributed import is_distributed, max_across_ranks, sum_across_ranks
 from ...core.targets import Target
-from .base import Criterion, register_criterion
+from .base import Criterion
+from .registry import register_criterion
 
 
 def _run_model(model: nn.Module, batch: Any, loss_fn: Callable) -> torch.Tensor:

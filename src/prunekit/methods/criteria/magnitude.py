@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Criterion, register_criterion
+from .base import Criterion
+from .registry import register_criterion
 
 
 class Magnitude(Criterion):

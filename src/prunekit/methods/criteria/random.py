@@ -7,7 +7,8 @@ import zlib
 import torch
 
 from ...core.distributed import rank_zero_int
-from .base import Criterion, register_criterion
+from .base import Criterion
+from .registry import register_criterion
 
 
 class Random(Criterion):
