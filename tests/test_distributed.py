@@ -32,9 +32,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def rank_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
+def run_ranks(out: Path) -> list[tuple[int, str]]:
+    """Run the two ranks once on a fresh port; (return code, output) per rank."""
     port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     procs = [
@@ -47,9 +46,20 @@ def rank_results(tmp_path_factory):
         )  # fmt: skip
         for rank in range(2)
     ]
-    logs = [proc.communicate(timeout=240)[0] for proc in procs]
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{log}"
+    return [(proc.returncode, log) for proc, log in ((p, p.communicate(timeout=240)[0]) for p in procs)]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    # The free port can be taken by another process between choosing it and the rendezvous (gloo then
+    # aborts): a failed rendezvous is tried again on another port; a failure in prunekit fails every time.
+    for _ in range(3):
+        results = run_ranks(out)
+        if all(code == 0 for code, _ in results):
+            break
+    for rank, (code, log) in enumerate(results):
+        assert code == 0, f"rank {rank} failed:\n{log}"
     return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
 

@@ -67,7 +67,10 @@ def kmeans_1d(
     used = np.unique(assignment)
     remap = np.zeros(clusters, dtype=np.int64)
     remap[used] = np.arange(used.size)
-    return centroids[used], remap[assignment]
+    # Two empty slots moved onto equal values give equal centroids: merge them (the error is the same)
+    # and sort, so the codebook holds distinct values in ascending order.
+    merged, inverse = np.unique(centroids[used], return_inverse=True)
+    return merged, inverse.reshape(-1)[remap[assignment]]
 
 
 def _lloyd(values: np.ndarray, centroids: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
