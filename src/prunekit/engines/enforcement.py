@@ -185,7 +185,7 @@ class MaskEnforcer:
         try:  # all hooks or none: a failed attach leaves the optimizer as it was
             if self.mask_gradients_before_step:
                 handles.append(inner.register_step_pre_hook(self._before_optimizer_step))
-            handles.append(inner.register_step_post_hook(self._after_optimizer_step))
+            handles.append(inner.register_step_post_hook(self.after_optimizer_step))
         except BaseException:
             for handle in handles:
                 handle.remove()
@@ -209,7 +209,9 @@ class MaskEnforcer:
         for optimizer in self.optimizers:
             self.detach(optimizer)
 
-    def _after_optimizer_step(self, *_: Any) -> None:
+    def after_optimizer_step(self, *_: Any) -> None:
+        """What an attached optimizer's post-step hook does: re-apply the masks, and note that they are
+        fresh for :meth:`after_training_step`."""
         self.apply()
         self._stepped_since = True
 
