@@ -16,7 +16,6 @@ from functools import cached_property
 
 import torch
 
-from ..core import masks as mask_store
 from ..core.layers import weight_as_is
 from ..core.targets import Target
 from ..methods.criteria import Criterion, Custom
@@ -61,9 +60,10 @@ class UnstructuredEngine:
         self.scope, self.min_kept, self.layer_sparsity = scope, min_kept, dict(layer_sparsity)
         self.schedule, self.keep_of = schedule, keep_of
 
-    def compute(self, sparsity: float, scheduled_at: int | None, magnitude_cuts: bool = True) -> MaskUpdate:
+    def compute(self, sparsity: float, scheduled_at: int | None) -> MaskUpdate:
         """The masks at ``sparsity`` (overrides ramped to ``scheduled_at``, a step, or final when None).
-        ``magnitude_cuts=False`` builds every mask (a constraint will read them before they apply)."""
+        Constraints read a magnitude cut through :meth:`MaskUpdate.proposed_keep`, so cuts are always
+        handed over as cuts."""
         update = MaskUpdate()
         for layers, layer_sparsity in self.selection_groups(sparsity, scheduled_at):
             if self.granularity.selects_within_groups:
@@ -73,7 +73,7 @@ class UnstructuredEngine:
                 for target in layers:
                     update.add(target, self._per_row(target, layer_sparsity), self.granularity.prunes_bias)
             else:
-                self._ranked(update, layers, layer_sparsity, magnitude_cuts)
+                self._ranked(update, layers, layer_sparsity)
         return update
 
     def selection_groups(self, sparsity: float, scheduled_at: int | None = None) -> list[tuple[list[Target], float]]:
@@ -100,7 +100,7 @@ class UnstructuredEngine:
 
     # ------------------------------------------------------------------ the three ways of choosing
 
-    def _ranked(self, update: MaskUpdate, layers: list[Target], sparsity: float, magnitude_cuts: bool) -> None:
+    def _ranked(self, update: MaskUpdate, layers: list[Target], sparsity: float) -> None:
         sizes = [self.granularity.num_units(t.oik_shape) for t in layers]
         score_fns = [LayerScores(t, self.criterion, self.granularity, self.alive_units(t)) for t in layers]
         cut = find_cut(score_fns, sizes, round(sparsity * sum(sizes)), self.min_kept)
@@ -109,14 +109,7 @@ class UnstructuredEngine:
         for i, target in enumerate(layers):
             signed, above = score_fns[i].signed_scores, cut.keeps_above(i)
             if signed is not None and above is not None and above >= 0:
-                protected = cut.protected[i]
-                if magnitude_cuts:
-                    update.magnitude_cuts[(target.module, target.param_name, target.full_name)] = (above, protected)
-                    continue
-                packed = mask_store.pack_magnitude_above(
-                    signed, above, protected, buffers.scores, buffers.flags, buffers.words
-                )
-                update.add_packed(target.module, target.param_name, target.full_name, packed)
+                update.magnitude_cuts[(target.module, target.param_name, target.full_name)] = (above, cut.protected[i])
                 continue
             units = cut.keep(i, score_fns[i](buffers.scores))
             update.add(target, self.granularity.expand(units, target.oik_shape), self.granularity.prunes_bias)
