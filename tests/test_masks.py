@@ -14,7 +14,10 @@ from torch import nn
 import prunekit as pk
 from prunekit.core.masks import (
     MASK_PREFIX,
+    SeparableMask,
+    count_kept,
     get_mask,
+    kept_along,
     mask_buffer_name,
     pack_mask,
     remove_mask,
@@ -245,3 +248,58 @@ def test_magnitude_masks_refuse_a_negative_threshold():
 
     with pytest.raises(ValueError, match="threshold"):
         pack_magnitude_above(torch.ones(3), -1.0)
+
+
+@st.composite
+def _separable(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=4)))
+    dims = draw(st.sets(st.integers(0, len(shape) - 1), min_size=1))
+    seed = draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    factors = {dim: torch.rand(shape[dim], generator=generator) > 0.4 for dim in dims}
+    return shape, factors
+
+
+def _dense_and(shape, factors):
+    keep = torch.ones(shape, dtype=torch.bool)
+    for dim, vector in factors.items():
+        view = [1] * len(shape)
+        view[dim] = -1
+        keep &= vector.view(view)
+    return keep
+
+
+@given(_separable(), st.booleans())
+def test_separable_mask_packs_and_zeroes_as_the_whole_mask(case, contiguous):
+    shape, factors = case
+    expected = _dense_and(shape, factors)
+    mask = SeparableMask(shape, factors)
+    assert torch.equal(mask.dense(), expected)
+    assert torch.equal(mask.packed(), pack_mask(expected))
+    values = torch.randn(shape) + 3.0  # no zeros of its own
+    if not contiguous and len(shape) > 1:
+        values = values.transpose(0, -1).contiguous().transpose(0, -1)
+    mask.zero(values)
+    assert torch.equal(values != 0, expected)
+
+
+def test_separable_mask_refuses_vectors_of_the_wrong_size():
+    with pytest.raises(ValueError, match="one bool keep vector per dimension"):
+        SeparableMask((4, 3), {1: torch.ones(4, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="one bool keep vector per dimension"):
+        SeparableMask((4, 3), {2: torch.ones(3, dtype=torch.bool)})
+
+
+@given(_separable())
+def test_kept_along_reads_any_kept_entry_per_index(case):
+    shape, factors = case
+    expected = _dense_and(shape, factors)
+    for dim in range(len(shape)):
+        naive = expected.movedim(dim, 0).reshape(shape[dim], -1).any(dim=1)
+        assert torch.equal(kept_along(pack_mask(expected), shape, dim), naive)
+
+
+@given(st.integers(0, 300), st.integers(0, 2**16))
+def test_count_kept_counts_every_length(n, seed):
+    keep = torch.rand(n, generator=torch.Generator().manual_seed(seed)) > 0.5
+    assert count_kept(pack_mask(keep)) == int(keep.sum())

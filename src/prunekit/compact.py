@@ -78,7 +78,7 @@ def compact(
             masks[key] = mask_store.get_mask(module, name)
         return masks[key]
 
-    pruned_units = removed_units(dependencies, mask_of)
+    pruned_units = removed_units(dependencies)
     plan = make_plan(dependencies, pruned_units)
     if not plan["kept"]:
         _warn_nothing_removed(model)

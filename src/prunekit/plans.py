@@ -16,6 +16,7 @@ import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -155,7 +156,9 @@ def _sliced(tensor: torch.Tensor, dims: Mapping[str, list[int]]) -> torch.Tensor
         if new.device.type == "meta":
             new = _meta_select(new, int(dim), len(indices))
         else:
-            new = new.index_select(int(dim), torch.tensor(indices, dtype=torch.long, device=new.device))
+            # through numpy: torch.tensor reads a list of ints several times slower
+            kept = torch.from_numpy(np.asarray(indices, dtype=np.int64)).to(new.device)
+            new = new.index_select(int(dim), kept)
     return _dense_like(new, tensor)
 
 

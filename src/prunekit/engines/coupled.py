@@ -21,7 +21,7 @@ from ..methods.criteria import Criterion
 from ..methods.schedules import Schedule
 from ..structure.cost import UnitCosts, search_sparsity
 from ..structure.dependencies import ChannelDependencies
-from ..structure.units import choose_units, removed_units, unit_keep_masks, unit_scores
+from ..structure.units import choose_units, removed_units, unit_keep_factors, unit_scores
 from .update import MaskUpdate
 
 
@@ -146,7 +146,9 @@ class CoupledEngine:
             costs = self.costs()
             pruned = search_sparsity(choose, lambda units: costs.removed_fraction(units, options.sparsity_in), sparsity)
         update = MaskUpdate()
-        for full_name, keep in unit_keep_masks(deps, pruned).items():
+        for full_name, dims in unit_keep_factors(deps, pruned).items():
             module, param_name = self.maskable[full_name]
-            update.add_packed(module, param_name, full_name, mask_store.pack_mask(keep), keep)
+            update.add_separable(
+                module, param_name, full_name, mask_store.SeparableMask(getattr(module, param_name).shape, dims)
+            )
         return update

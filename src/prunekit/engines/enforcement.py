@@ -130,7 +130,13 @@ class MaskEnforcer:
         for key, packed in update.packed.items():
             module, param_name, full_name = key
             param = getattr(module, param_name)
-            keep = update.unpacked.get(key)
+            separable = update.separable.get(key)
+            if separable is not None and not cache:
+                mask_store.store_packed(module, param_name, packed)
+                separable.zero(param.data)
+                self._keep_cache.pop(full_name, None)
+                continue
+            keep = update.unpacked.get(key) if separable is None else separable.dense()
             if keep is None or keep.device != param.device:
                 out = buffer if buffer is not None and buffer.device == packed.device else None
                 keep = mask_store.unpack_mask(packed, param.shape, out=out)

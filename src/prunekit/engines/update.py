@@ -29,6 +29,8 @@ class MaskUpdate:
     magnitude_cuts: dict[MaskKey, tuple[float, torch.Tensor | None]] = field(default_factory=dict)
     #: The bool form of some packed masks, when the engine had it at hand (saves unpacking them again).
     unpacked: dict[MaskKey, torch.Tensor] = field(default_factory=dict)
+    #: Structured masks as per-dimension keep vectors: zeroing reads them instead of a whole mask.
+    separable: dict[MaskKey, mask_store.SeparableMask] = field(default_factory=dict)
 
     def add_packed(
         self, module: nn.Module, param_name: str, full_name: str, packed: torch.Tensor, keep: torch.Tensor | None = None
@@ -41,10 +43,18 @@ class MaskUpdate:
             packed &= old.to(packed.device)
             keep = None  # the intersection is only packed
         self.packed[key] = packed.to(getattr(module, param_name).device)
+        self.separable.pop(key, None)
         if keep is not None:
             self.unpacked[key] = keep
         else:
             self.unpacked.pop(key, None)
+
+    def add_separable(self, module: nn.Module, param_name: str, full_name: str, mask: mask_store.SeparableMask) -> None:
+        """Record ``module.<param_name>``'s new mask given as per-dimension keep vectors (intersected with
+        its old mask, when it has one, in packed form only)."""
+        self.add_packed(module, param_name, full_name, mask.packed())
+        if mask_store.mask_buffer_name(param_name) not in module._buffers:
+            self.separable[(module, param_name, full_name)] = mask
 
     def add(self, target: Target, keep_oik: torch.Tensor, prunes_bias: bool) -> None:
         """Record a target's new ``(O, I, K)`` keep mask and, when ``prunes_bias`` and units are whole

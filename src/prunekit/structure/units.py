@@ -123,22 +123,21 @@ def _round_kept(pruned, scores, family, sizes, round_to, already) -> torch.Tenso
     return pruned
 
 
-def unit_keep_masks(dependencies: ChannelDependencies, pruned: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``{parameter full name: bool keep mask of its shape}`` for every parameter a pruned unit touches."""
-    masks: dict[str, torch.Tensor] = {}
+def unit_keep_factors(dependencies: ChannelDependencies, pruned: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
+    """``{parameter full name: {dim: bool keep vector of that dimension}}`` for every parameter a pruned
+    unit touches: its keep mask is the AND of these vectors broadcast along their dimensions (see
+    :func:`prunekit.core.masks.pack_separable`)."""
+    factors: dict[str, dict[int, torch.Tensor]] = {}
     for piece in dependencies.slices:
         if not piece.maskable:
             continue
         removed = piece.removed(pruned)
         if not bool(removed.any()):
             continue
-        tensor = piece.tensor
-        shape = [1] * tensor.ndim
-        shape[piece.dim] = -1
-        keep = (~removed).reshape(shape).to(tensor.device)
-        found = masks.get(piece.full_name)
-        masks[piece.full_name] = keep.expand(tensor.shape) if found is None else found & keep
-    return {name: mask.contiguous() for name, mask in masks.items()}
+        keep = (~removed).to(piece.tensor.device)
+        found = factors.setdefault(piece.full_name, {})
+        found[piece.dim] = keep if piece.dim not in found else found[piece.dim] & keep
+    return factors
 
 
 def removed_units(
@@ -147,9 +146,8 @@ def removed_units(
     """Bool per unit: True when the unit's channels are zero: every parameter slice that makes them
     (filters, biases, norm weights) is pruned, i.e. masked, or all zeros where the parameter has no mask.
     Input columns that read the channels and buffers (running statistics) do not count: they go with it.
-    ``mask_of(module, tensor name)`` reads a mask (default :func:`prunekit.core.masks.get_mask`; a
-    caching reader spares unpacking masks twice)."""
-    mask_of = mask_store.get_mask if mask_of is None else mask_of
+    ``mask_of(module, tensor name)`` reads a mask; by default the stored bit-packed masks are read as they
+    are (:func:`prunekit.core.masks.kept_along`), mostly without unpacking them."""
     # One spare slot at the end takes the indices in no unit (a where instead of boolean-mask indexing).
     spare = dependencies.num_units
     gone = torch.ones(spare + 1, dtype=torch.bool)
@@ -157,11 +155,17 @@ def removed_units(
     for piece in dependencies.slices:
         if not piece.maskable or piece.consumer:
             continue
-        keep = mask_of(piece.module, piece.tensor_name)
         values = piece.tensor.detach()
         size = values.shape[piece.dim]
+        if mask_of is None:
+            packed = piece.module._buffers.get(mask_store.mask_buffer_name(piece.tensor_name))
+            keep = None
+        else:
+            packed, keep = None, mask_of(piece.module, piece.tensor_name)
         if values.device.type == "meta":
             alive = torch.ones(size, dtype=torch.bool)
+        elif packed is not None:
+            alive = mask_store.kept_along(packed, values.shape, piece.dim).cpu()
         elif keep is not None:
             alive = keep.cpu().movedim(piece.dim, 0).reshape(size, -1).any(dim=1)
         else:
