@@ -151,6 +151,17 @@ def test_exclude_may_name_an_lstm_that_structured_pruning_leaves_whole():
     with pytest.raises(ValueError, match="exclude entry 'rnm' matches no module"):
         pk.prune(WithLSTM(), 0.5, exclude=["rnm"])
 
+    # pk.compact follows the pruner's exclude= when it is given none (and the model has not changed)
+    torch.manual_seed(0)
+    model = WithLSTM()
+    pk.prune(model, 0.5, granularity="out_channel", example_inputs=x, exclude=["rnn"])
+    inherited = pk.compact(model, x)
+    assert inherited.fc.out_features == 10 and inherited.inner.out_features == 6
+    assert torch.equal(inherited(x), small(x))
+    # without the pruner's trace there is nothing to inherit: the LSTM must be named
+    with pytest.raises(pk.structure.UnsupportedOperationError, match="rnn"):
+        pk.compact(WithLSTM(), x)
+
 
 # ---------------------------------------------------------------- defects 5 and 6: saved states
 

@@ -56,6 +56,9 @@ def compact(
         example_inputs: a tensor, tuple or dict the model accepts; used to trace dependencies and to
             check the result.
         exclude / prune_outputs: as given to the pruner (see :func:`prunekit.structure.trace_dependencies`).
+            When neither is given, the ones the pruner traced the (unchanged) model with are used, so
+            ``pk.prune(model, ..., exclude=["lstm"], example_inputs=x)`` then ``pk.compact(model, x)``
+            leaves the LSTM whole without naming it twice.
         inplace: change ``model`` itself instead of a deep copy (saves memory on large models).
         check: run both models on ``example_inputs`` and raise :class:`CompactionError` if any output
             differs by more than ``tolerance`` × the largest absolute output value.
@@ -69,7 +72,7 @@ def compact(
     checks.check_unwrapped(model)
     checks.check_flags(prune_outputs=prune_outputs, inplace=inplace, check=check)
     tolerance = checks.check_tolerance(tolerance)
-    dependencies, traced = trace_with_output(model, example_inputs, exclude, prune_outputs)
+    dependencies, traced = trace_with_output(model, example_inputs, exclude, prune_outputs, inherit_options=True)
     masks: dict[tuple[int, str], torch.Tensor | None] = {}
 
     def mask_of(module: nn.Module, name: str) -> torch.Tensor | None:  # each mask unpacked once

@@ -137,11 +137,21 @@ def trace_dependencies(
 
 
 def trace_with_output(
-    model: nn.Module, example_inputs: Any, exclude: Any = None, prune_outputs: bool = False, reuse: bool = True
+    model: nn.Module,
+    example_inputs: Any,
+    exclude: Any = None,
+    prune_outputs: bool = False,
+    reuse: bool = True,
+    *,
+    inherit_options: bool = False,
 ) -> tuple[ChannelDependencies, Any]:
     """:func:`trace_dependencies`, and the model's output on ``example_inputs`` (eval mode, no gradients)
     when this call ran the model, None when it returned the cached trace: :func:`prunekit.compact` checks
-    its result against that output instead of running the model once more."""
+    its result against that output instead of running the model once more.
+
+    ``inherit_options``: when no ``exclude`` and no ``prune_outputs`` are given, the cached trace of the
+    unchanged model is returned whatever options it was made with (compaction after pruning then
+    follows the pruner's ``exclude=`` and ``prune_outputs=`` without their being repeated)."""
     if example_inputs is None:
         raise ValueError(
             "structured pruning needs example_inputs (a tensor, tuple or dict the model accepts) to trace "
@@ -162,6 +172,10 @@ def trace_with_output(
     cached = _CACHE.get(model) if reuse else None
     if cached is not None and cached[0] == key:
         return cached[1], None
+    if cached is not None and inherit_options and not selectors and not prune_outputs:
+        _, _, cached_excluded, cached_prune_outputs = cached
+        if cached[0] == _signature(model, example_inputs, cached_excluded, cached_prune_outputs):
+            return cached[1], None
     flags = {module: module.training for module in model.modules()}
     tracer = ChannelTracer(model, excluded)
     try:
@@ -187,7 +201,7 @@ def trace_with_output(
         dependencies = _units(model, tracer)
     # A cached value must not hold the model itself, or the weak key would never be released.
     if all(piece.module is not model for piece in dependencies.slices):
-        _CACHE[model] = (key, dependencies)
+        _CACHE[model] = (key, dependencies, excluded, prune_outputs)
     return dependencies, output
 
 
