@@ -1,9 +1,6 @@
 """Pruning under DistributedDataParallel: two CPU processes (gloo), each on its own batches, get the same
 masks for every criterion, local and global; data-dependent scores are summed over the ranks."""
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +15,7 @@ pytestmark = pytest.mark.slow  # two new processes that import torch (in CI, lik
 HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
 import distributed_worker as worker  # noqa: E402
+from ranks import run_until_rendezvous  # noqa: E402
 
 CASES = [
     f"{name}-{scope}"
@@ -26,38 +24,10 @@ CASES = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_ranks(out: Path) -> list[tuple[int, str]]:
-    """Run the two ranks once on a fresh port; (return code, output) per rank."""
-    port = str(free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HELPERS / "distributed_worker.py"), str(rank), "2", port, str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for rank in range(2)
-    ]
-    return [(proc.returncode, log) for proc, log in ((p, p.communicate(timeout=240)[0]) for p in procs)]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    # The free port can be taken by another process between choosing it and the rendezvous (gloo then
-    # aborts): a failed rendezvous is tried again on another port; a failure in prunekit fails every time.
-    for _ in range(3):
-        results = run_ranks(out)
-        if all(code == 0 for code, _ in results):
-            break
+    results = run_until_rendezvous(HELPERS / "distributed_worker.py", out)
     for rank, (code, log) in enumerate(results):
         assert code == 0, f"rank {rank} failed:\n{log}"
     return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]

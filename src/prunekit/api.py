@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import nn
 
+from .core.distributed import unwrap_data_parallel
+from .core.sharding import has_sharded_parameters
 from .methods.granularity import get_granularity
 from .oneshot import api as oneshot
 from .oneshot.structured import prune_structured_with_calibration
@@ -45,6 +47,13 @@ def prune(model: nn.Module, sparsity: float | None = None, **options: Any) -> Pr
     """
     if "schedule" in options:
         raise TypeError("pk.prune prunes once, now; for a schedule use pk.Pruner(..., schedule=...)")
+    calibrated = wants_structured_calibration(options) or oneshot.wants_calibration(options)
+    if calibrated and isinstance(model, nn.Module) and has_sharded_parameters(unwrap_data_parallel(model)):
+        raise ValueError(
+            "calibrated one-shot pruning (Wanda, SparseGPT, OWL, structured pruning with calibration=) runs "
+            "the model layer by layer and rewrites weights, which FSDP2's sharded parameters do not allow: "
+            "prune the unsharded model (on one rank, or before fully_shard), then shard the pruned model"
+        )
     if wants_structured_calibration(options):
         # pk.prune's own default granularity, so that reconstruct=True alone is refused for it
         return prune_structured_with_calibration(model, sparsity, **{"granularity": "weight", **options})

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import checks
 from .core.config import PruningConfig, StructuredOptions, selector_name
+from .core.sharding import has_sharded_parameters
 from .core.targets import LayerSelector, Target, find_targets, resolve_layer_sparsity
 from .core.validation import check_whole
 from .engines.coupled import CoupledEngine
@@ -109,6 +110,12 @@ def assemble(
         raise ValueError(
             f"{changed} apply to coupled structured pruning only: use "
             "granularity='out_channel' with example_inputs (and coupled=True)"
+        )
+    if coupled_mode and has_sharded_parameters(model):
+        raise ValueError(
+            "coupled structured pruning (granularity='out_channel' with example_inputs) traces the model, "
+            "which FSDP2's sharded parameters do not allow: prune (and compact) the model before sharding it "
+            "with fully_shard, or pass coupled=False to prune each layer's output channels on their own"
         )
     dependencies = None
     if coupled_mode:

@@ -11,6 +11,7 @@ leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -22,12 +23,14 @@ from .assembly import assemble
 from .core import masks as mask_store
 from .core.config import StructuredOptions
 from .core.distributed import unwrap_data_parallel
+from .core.sharding import check_shardable, local_rows
 from .core.targets import LayerSelector, Target
 from .core.validation import check_whole
 from .engines.calibration import collect_statistics
 from .engines.constraints import apply_constraints
-from .engines.counting import unit_sparsity
+from .engines.counting import unit_sparsity, weight_sparsity
 from .engines.persistence import read_state, write_state
+from .engines.sharding import whole_weights
 from .fhe.budget import AccumulatorBudget
 from .methods.constraints import Constraint
 from .methods.criteria import Criterion
@@ -48,7 +51,8 @@ class Pruner:
             ``DistributedDataParallel`` (or ``DataParallel``) model is unwrapped: the pruner prunes its
             ``.module``, layer names carry no ``module.`` prefix, and under ``torch.distributed``
             data-dependent scores are summed over the ranks so every rank gets the same masks
-            (:mod:`prunekit.core.distributed`).
+            (:mod:`prunekit.core.distributed`). An FSDP2 model (``fully_shard``) is pruned as if
+            unsharded, each rank keeping the masks of its rows (:mod:`prunekit.engines.sharding`).
         sparsity: final fraction of units to prune, in [0, 1) (0.9 = 90%). Not needed with ``pk.NM``.
         criterion: ``"magnitude"`` (L1), ``"l2"``, ``"gradient"``, ``"movement"``, ``"random"``, any name
             registered with :func:`prunekit.register_criterion`, a :class:`~prunekit.Criterion` or a
@@ -113,6 +117,7 @@ class Pruner:
         constraints: Sequence[Constraint] = (),
     ):
         model = unwrap_data_parallel(model)  # DDP / DataParallel: prune the inner module (names without "module.")
+        sharded = check_shardable(model)  # FSDP1 and unusual DTensor placements are refused here
         parts = assemble(
             model, sparsity, criterion=criterion, granularity=granularity, scope=scope, schedule=schedule,
             layer_sparsity=layer_sparsity, include=include, exclude=exclude, min_kept=min_kept,
@@ -132,6 +137,8 @@ class Pruner:
         self.constraints, self.dependencies, self.engine = parts.constraints, parts.dependencies, parts.engine
         self.config, self.enforcer, self._maskable = parts.config, parts.enforcer, parts.maskable
         self.step_count, self._last_event = 0, -1
+        #: FSDP2: the parameters are DTensors sharded on dim 0 (see prunekit.engines.sharding).
+        self.sharded = sharded
         self._rewind_step: int | None = None
         self._rewind_state: dict[str, torch.Tensor] | None = None
         self._removed = False
@@ -181,14 +188,9 @@ class Pruner:
     @property
     def sparsity(self) -> float:
         """Fraction of the targeted weights that are pruned now (weights, biases not counted; see
-        :attr:`unit_sparsity` for units)."""
-        total = pruned = 0
-        for target in self.targets:
-            total += target.param.numel()
-            keep = mask_store.get_mask(target.module, target.param_name)
-            if keep is not None:
-                pruned += keep.numel() - int(keep.sum())
-        return pruned / total
+        :attr:`unit_sparsity` for units). On an FSDP2 model it counts every rank's shards (an
+        all-reduce: read it on every rank)."""
+        return weight_sparsity(self.targets)
 
     # ------------------------------------------------------------------ optimizers
 
@@ -238,24 +240,28 @@ class Pruner:
             self._prune_to(final_sparsity(sparsity, self.granularity), None)
 
     def _prune_to(self, sparsity: float, event: int | None, scheduled_at: int | None = None) -> None:
-        touched = [(t.full_name, t.param) for t in self.targets]
-        touched += [(full, getattr(module, name)) for module, name, full in self._maskable]
-        if self.dependencies is not None:  # running statistics too: compaction slices them
-            touched += [(piece.full_name, piece.tensor) for piece in self.dependencies.slices]
-        checks.check_finite({id(tensor): (name, tensor) for name, tensor in touched}.values())
+        if not self.sharded:
+            self._check_finite()
         if self.criterion.statistics and self.calibration is not None:
             self.criterion.use_statistics(
                 collect_statistics(self.model, self.targets, self.calibration, self.criterion.statistics)
             )
         self.criterion.prepare(self.model, self.targets)
-        update = self.engine.compute(sparsity, scheduled_at)
-        apply_constraints(
-            update, self.constraints, self.targets, self.criterion, self.schedule, scheduled_at, self._keep_of,
-            self.granularity.prunes_bias,
-        )  # fmt: skip
-        # Everything below mutates the model; all validation is done.
+        caching = self.enforcer.caching
+        # FSDP2: the event sees the pruned weights whole (all-gathered), so masks are chosen as without
+        # sharding; each rank keeps its rows of them on the way out (prunekit.engines.sharding).
+        with whole_weights(self._maskable, self.enforcer.forget) if self.sharded else contextlib.nullcontext():
+            if self.sharded:
+                self._check_finite()
+            update = self.engine.compute(sparsity, scheduled_at)
+            apply_constraints(
+                update, self.constraints, self.targets, self.criterion, self.schedule, scheduled_at,
+                self._keep_of, self.granularity.prunes_bias,
+            )  # fmt: skip
+            # Everything below mutates the model; all validation is done.
+            with torch.no_grad():
+                self.enforcer.install(update, cache=caching and not self.sharded)
         with torch.no_grad():
-            self.enforcer.install(update, cache=self.enforcer.caching)
             if self._rewind_state is not None:
                 self.model.load_state_dict(self._rewind_state, strict=False)
                 self.enforcer.apply()
@@ -264,6 +270,13 @@ class Pruner:
         if event is not None:
             self._last_event = event
         self.criterion.finish()
+
+    def _check_finite(self) -> None:
+        touched = [(t.full_name, t.param) for t in self.targets]
+        touched += [(full, getattr(module, name)) for module, name, full in self._maskable]
+        if self.dependencies is not None:  # running statistics too: compaction slices them
+            touched += [(piece.full_name, piece.tensor) for piece in self.dependencies.slices]
+        checks.check_finite({id(tensor): (name, tensor) for name, tensor in touched}.values())
 
     # ------------------------------------------------------------------ lottery tickets
 
@@ -294,7 +307,8 @@ class Pruner:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: masks (bit-packed), step, schedule position, criterion state
         (movement scores, random generator), the rewind point and the configuration. Save it next to
-        ``model.state_dict()``."""
+        ``model.state_dict()``. On an FSDP2 model the masks and gradient sums are gathered whole (call
+        it on every rank), so the state loads into a sharded or an unsharded pruner alike."""
         return write_state(
             self._maskable, self.config, self.step_count, self._last_event, self.criterion.state_dict(),
             self._rewind_step, self._rewind_state,
@@ -313,7 +327,8 @@ class Pruner:
                 mask_store.remove_mask(module, param_name)
             self.enforcer.forget()
             for module, param_name, keep in saved.masks.values():
-                mask_store.set_mask(module, param_name, keep.to(getattr(module, param_name).device))
+                param = getattr(module, param_name)  # FSDP2: the saved mask is whole; keep this rank's rows
+                mask_store.set_mask(module, param_name, local_rows(keep, param).contiguous().to(param.device))
         self.step_count, self._last_event = saved.step, saved.last_event
         self._rewind_step, self._rewind_state = saved.rewind_step, saved.rewind_state
         self.enforcer.clear_optimizer_state()

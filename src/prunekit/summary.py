@@ -32,12 +32,19 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .core.inputs import call_model
+from .core.sharding import full_tensor
 from .structure.layer_weights import applications, applied_weights, counts_weight_macs, linear_like
 from .structure.ops import op_name
 from .structure.products import einsum_operands, is_activation_product, matrix_operands
 
 ATTENTION_KIND = "attention (activation × activation)"
 """The ``kind`` of the rows counting products of two activations (attention scores and weighted values)."""
+
+
+def _nonzero(tensor: torch.Tensor) -> int:
+    """Non-zero entries of a tensor; of the whole tensor when FSDP2 shards it (an all-gather, layer by
+    layer: every rank must ask for the summary)."""
+    return int(torch.count_nonzero(full_tensor(tensor.detach())))
 
 
 def _is_sparse_layer(module: nn.Module) -> bool:
@@ -394,7 +401,7 @@ def _weight_row(
         return []
     seen.update(id(p) for p in params)
     total = sum(p.numel() for p in params)
-    nonzero = sum(int(torch.count_nonzero(p.detach())) for p in params)
+    nonzero = sum(_nonzero(p) for p in params)
     row = LayerStats(name, type(module).__name__, total, nonzero)
     if weights:
         applied = positions.get(module)
@@ -402,7 +409,7 @@ def _weight_row(
             applied = 1
         if applied is not None:
             row.macs = sum(w.numel() for w in weights) * applied
-            row.nonzero_macs = sum(int(torch.count_nonzero(w.detach())) for w in weights) * applied
+            row.nonzero_macs = sum(_nonzero(w) for w in weights) * applied
         elif example_inputs is not None:
             row.macs = row.nonzero_macs = 0  # not reached by this input
     return [row]

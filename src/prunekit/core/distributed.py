@@ -7,9 +7,18 @@ collected over all ranks before scoring (:func:`sum_across_ranks`), and random c
 seed (:func:`rank_zero_int`). Selection itself is deterministic, so equal scores give equal masks,
 local or global. Outside a distributed run (or with one process) every function here does nothing.
 
-FSDP (fully sharded data parallel) is not supported: a rank holds only a shard of each flattened
-parameter, so neither the (O, I, K) view of a weight nor a global threshold over whole layers exists
-on one rank. Prune the full model before sharding it (or gather it with ``summon_full_params``).
+FSDP2 (``torch.distributed.fsdp.fully_shard``) is supported: parameters are ``DTensor`` shards split
+along dim 0 (:mod:`prunekit.core.sharding`). Global selection across shards works by gathering: for
+the length of one pruning event every rank all-gathers the pruned weights (and their masks) whole and
+runs the unsharded selection on them (:mod:`prunekit.engines.sharding`), so every rank finds the same
+exact cut, ties broken as without sharding (layer order, then position), and then keeps the rows of
+the masks it holds; enforcement multiplies local shards. The memory this needs is the pruned weights
+unsharded, once more, during the event. Gradient criteria read FSDP's reduced gradient of each shard
+(the mean over the ranks) times the world size, so no further sum is needed; calibration statistics
+are per input channel, whole on every rank, and summed as under DDP. Coupled structured pruning
+(tracing) and calibrated one-shot methods (Wanda, SparseGPT, OWL) are refused on sharded models:
+prune before sharding. FSDP1 (``FullyShardedDataParallel``, flat parameters) is refused. Tested with
+gloo on CPU; the NCCL path (CUDA tensors for the collectives) is untested here (no GPU).
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ On the module the mask is stored bit-packed (one bit per weight) as a *non-persi
   the same class with ``load_state_dict(strict=True)``; the masks themselves are saved and restored
   through :meth:`prunekit.Pruner.state_dict`.
 
+A parameter sharded by FSDP2 (a ``DTensor``) has a mask of its local shard only: the rows this rank
+holds (:mod:`prunekit.core.sharding`), so enforcement multiplies local tensors.
+
 During training the pruner keeps an unpacked ``bool`` copy (one byte per weight) for fast
 enforcement; see :class:`prunekit.Pruner`.
 """
@@ -24,6 +27,8 @@ import math
 import numpy as np
 import torch
 from torch import nn
+
+from .sharding import local_tensor
 
 MASK_PREFIX = "_pk_mask_"
 
@@ -263,15 +268,16 @@ def get_mask(module: nn.Module, param_name: str) -> torch.Tensor | None:
     packed = module._buffers.get(mask_buffer_name(param_name))
     if packed is None:
         return None
-    return unpack_mask(packed, getattr(module, param_name).shape)
+    return unpack_mask(packed, local_tensor(getattr(module, param_name)).shape)
 
 
 def set_mask(module: nn.Module, param_name: str, keep: torch.Tensor, packed: torch.Tensor | None = None) -> None:
-    """Store ``keep`` (bool, the parameter's shape) on the module and zero the pruned weights in place.
+    """Store ``keep`` (bool, the parameter's shape; its local shard's shape if it is sharded) on the
+    module and zero the pruned weights in place.
 
     Pass ``packed`` (``pack_mask(keep)``) when it is already at hand.
     """
-    param = getattr(module, param_name)
+    param = local_tensor(getattr(module, param_name))
     if keep.shape != param.shape:
         raise ValueError(f"mask shape {tuple(keep.shape)} does not match {param_name} shape {tuple(param.shape)}")
     store_packed(module, param_name, pack_mask(keep) if packed is None else packed)

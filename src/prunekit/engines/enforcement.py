@@ -6,6 +6,8 @@ copy), one ``torch._foreach_mul_`` over all masked tensors: on a small network t
 over layers costs as much as the products themselves. Several optimizers may be attached (a model
 trained by two, a fresh optimizer per pruning round); each re-applies the masks right after its
 ``step()`` and has its state (momentum, Adam moments) zeroed at pruned entries whenever masks change.
+A parameter sharded by FSDP2 is masked through its local shard (and so are its gradient and
+optimizer state), with the mask of the rows this rank holds.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from ..core import masks as mask_store
+from ..core.sharding import local_tensor
 from .update import MaskKey, MaskUpdate, ScratchBuffers
 
 
@@ -53,6 +56,8 @@ class MaskEnforcer:
         self.mask_gradients_before_step = bool(mask_gradients)
         self._keep_cache: dict[str, torch.Tensor] = {}
         self._enforced: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        #: ids of the parameters behind ``_enforced`` (a sharded one is enforced through its local view).
+        self._enforced_ids: set[int] = set()
         self._optimizers: dict[int, tuple[torch.optim.Optimizer, list[Any]]] = {}
         #: True once an attached optimizer has stepped since the last :meth:`after_training_step`.
         self._stepped_since = False
@@ -80,13 +85,15 @@ class MaskEnforcer:
 
     def _enforced_masks(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self._enforced is None:
-            params, byte_masks = [], []
+            params, byte_masks, ids = [], [], set()
             for module, param_name, full_name in self.maskable:
                 keep = self.keep(module, param_name, full_name)
                 if keep is not None:
-                    params.append(getattr(module, param_name))
+                    param = getattr(module, param_name)
+                    ids.add(id(param))
+                    params.append(local_tensor(param))
                     byte_masks.append(keep.view(torch.uint8))
-            self._enforced = (params, byte_masks)
+            self._enforced, self._enforced_ids = (params, byte_masks), ids
             self._covered = None
         return self._enforced
 
@@ -101,9 +108,11 @@ class MaskEnforcer:
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
-        for param, byte_mask in zip(*self._enforced_masks()):
+        byte_masks = self._enforced_masks()[1]
+        params = [getattr(m, p) for m, p, f in self.maskable if self.keep(m, p, f) is not None]
+        for param, byte_mask in zip(params, byte_masks):
             if param.grad is not None:
-                param.grad.mul_(byte_mask)
+                local_tensor(param.grad).mul_(byte_mask)
 
     def after_training_step(self) -> None:
         """What :meth:`prunekit.Pruner.step` does first: re-apply the masks, unless every masked tensor
@@ -117,7 +126,8 @@ class MaskEnforcer:
             owned = {
                 id(p) for optimizer, _ in self._optimizers.values() for g in optimizer.param_groups for p in g["params"]
             }
-            self._covered = all(id(p) in owned for p in self._enforced_masks()[0])
+            self._enforced_masks()
+            self._covered = all(i in owned for i in self._enforced_ids)
         return self._covered
 
     @torch.no_grad()
@@ -250,7 +260,7 @@ class MaskEnforcer:
                     continue
                 for value in state.values():
                     if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        mask_store.zero_pruned(value, keep)
+                        mask_store.zero_pruned(local_tensor(value), keep)
 
     def reset_optimizer_state(self) -> None:
         """Clear the attached optimizers' whole state (after a lottery-ticket rewind)."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..core import masks as mask_store
 from ..core.config import PruningConfig
+from ..core.sharding import gather_rows, is_sharded, local_tensor
 from .update import MaskKey
 
 STATE_VERSION = 2
@@ -43,13 +44,18 @@ def write_state(
     rewind_step: int | None,
     rewind_state: dict[str, torch.Tensor] | None,
 ) -> dict[str, Any]:
-    """Everything needed to resume; save it next to ``model.state_dict()``."""
+    """Everything needed to resume; save it next to ``model.state_dict()``. Masks of FSDP2-sharded
+    parameters are gathered whole (a collective: every rank calls this)."""
     masks, shapes = {}, {}
     for module, param_name, full_name in maskable:
         packed = module._buffers.get(mask_store.mask_buffer_name(param_name))
         if packed is not None:
+            param = getattr(module, param_name)
+            if is_sharded(param):  # FSDP2: every rank's rows, so the saved mask is the whole one
+                whole = gather_rows(mask_store.unpack_mask(packed, local_tensor(param).shape), param)
+                packed = mask_store.pack_mask(whole)
             masks[full_name] = packed.clone()
-            shapes[full_name] = tuple(getattr(module, param_name).shape)
+            shapes[full_name] = tuple(param.shape)
     return {
         "version": STATE_VERSION,
         "step": step,
