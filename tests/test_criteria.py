@@ -301,6 +301,21 @@ def test_gradient_with_frozen_weights_raises():
         pk.prune(model, sparsity=0.5, criterion="gradient", data=batches, loss_fn=nn.functional.mse_loss)
 
 
+def test_gradient_data_sums_each_batch_once():
+    # The training hooks a pruner registers must not add the data= batches a second time.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    batches = [(torch.randn(8, 4), torch.randn(8, 3)) for _ in range(2)]
+    expected = torch.zeros_like(model.weight)
+    for x, y in batches:
+        (grad,) = torch.autograd.grad(nn.functional.mse_loss(model(x), y), [model.weight])
+        expected += model.weight.detach() * grad
+    pruner = pk.Pruner(model, 0.5, criterion="gradient", data=batches, loss_fn=nn.functional.mse_loss)
+    pruner.criterion.prepare(model, pruner.targets)
+    assert pruner.criterion.batches_seen == 2
+    assert torch.allclose(pruner.criterion.sums["weight"], expected, atol=1e-6)
+
+
 def test_gradient_data_pass_leaves_batchnorm_stats_unchanged():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))

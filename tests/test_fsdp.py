@@ -59,8 +59,7 @@ def test_sharded_masks_equal_the_unsharded_ones(rank_results, name):
             assert torch.equal(masks[key], expected[key]), f"{name}: {key} differs on rank {rank}"
         assert found["sparsity"] == pruner.sparsity  # every rank's shards counted
         assert found["nonzero"] == pk.summary(model).nonzero_params
-        if found["unit_sparsity"] is not None:
-            assert found["unit_sparsity"] == pruner.unit_sparsity
+        assert found["unit_sparsity"] == pruner.unit_sparsity
     if name.endswith("global") and "out_channel" not in name:  # one ranking over the layers: uneven per layer
         per_layer = {round(1 - float(m.float().mean()), 2) for m in expected.values()}
         assert len(per_layer) > 1

@@ -91,6 +91,8 @@ def test_unit_sparsity_counts_units_where_sparsity_counts_weights():
     assert blocks.unit_sparsity == pytest.approx(4 / (8 + 4))  # 4 of layer 0's 8 blocks, none of layer 2's 4
     coupled = pk.prune(make_model(), 0.5, granularity="out_channel", example_inputs=torch.randn(2, 4))
     assert coupled.unit_sparsity == 0.5  # 4 of the 8 hidden channels
+    nm = pk.prune(make_model(), granularity=pk.NM(2, 4))  # a unit of N:M is one weight
+    assert nm.unit_sparsity == nm.sparsity == 0.5
 
 
 def test_summary_groups_rows_by_module_depth():

@@ -89,10 +89,7 @@ def whole_weights(model: nn.Module) -> dict:
 
 def record(pruner: pk.Pruner, model: nn.Module) -> dict:
     state = pruner.state_dict()  # the masks gathered whole
-    try:
-        units = pruner.unit_sparsity
-    except NotImplementedError:  # N:M has no unit count (on an unsharded model too)
-        units = None
+    units = pruner.unit_sparsity
     return {
         "state": state,
         "sparsity": pruner.sparsity,

@@ -56,6 +56,8 @@ class GradientProduct(Criterion):
         #: FSDP2: per target, the gradient last read (a weak reference), its version and a copy of it.
         self._seen_grads: dict[str, tuple[weakref.ref, int, torch.Tensor]] = {}
         self._observing = False
+        #: True while :meth:`_from_data` runs its batches (the training hooks must not count them twice).
+        self._reading_data = False
 
     def _accumulate(self, target: Target, grad: torch.Tensor) -> None:
         total = self.sums.get(target.full_name)
@@ -68,6 +70,8 @@ class GradientProduct(Criterion):
     def observe(self, targets):
         def make_hook(target):
             def hook(grad):
+                if self._reading_data:  # _from_data adds the gradients autograd.grad returns itself
+                    return
                 self._accumulate(target, grad)
                 self.batches_seen += 1
 
@@ -142,6 +146,7 @@ class GradientProduct(Criterion):
             return
         # Running the batches must not change the model: BatchNorm statistics and the like are restored.
         saved_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        self._reading_data = True
         try:
             with torch.enable_grad():
                 for batch in self.data:
@@ -152,6 +157,7 @@ class GradientProduct(Criterion):
                             self._accumulate(target, grad)
                     self.batches_seen += 1
         finally:
+            self._reading_data = False
             with torch.no_grad():
                 for name, buffer in model.named_buffers():
                     if name in saved_buffers:
