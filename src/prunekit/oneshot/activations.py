@@ -1,9 +1,8 @@
-"""Per-input-channel statistics of a model's layers over calibration batches (forward hooks).
-
-For every watched layer this records, per input channel j of the layer (a Linear's input feature, a
-convolution's input channel), over all calibration positions (tokens of every sequence, pixels of
-every image): the count N, Σ x_j and Σ x_j². From them: ‖X_j‖₂ (Wanda, Sun et al. 2023), the mean
-E[X_j] (FLAP's bias compensation) and the variance Var(X_j) (FLAP's fluctuation, An et al. 2024).
+"""The calibration pass of structured one-shot pruning: per-input-channel statistics of the watched
+layers (:class:`prunekit.engines.calibration.LayerStatistics` in float64: the count N, Σ x_j, Σ x_j²,
+hence ‖X_j‖₂ for Wanda, Sun et al. 2023, the mean E[X_j] for FLAP's bias compensation and the variance
+Var(X_j) for FLAP's fluctuation, An et al. 2024), over every calibration position (tokens of every
+sequence, padding tokens left out as everywhere in prunekit; pixels of every image).
 
 It also records the order in which layers are first called, how often each is called per batch, and
 which layers feed a BatchNorm directly (their output is that norm's input), which is where a layer
@@ -19,85 +18,49 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.inputs import call_model
-from ..core.targets import is_hf_conv1d
+from ..engines.calibration import (
+    CalibrationError,
+    InputRecorder,
+    LayerStatistics,
+    StopForward,
+    channels_last,
+    input_rows,
+    run_batch,
+    token_mask,
+)
 
-
-class CalibrationError(ValueError):
-    """A calibration batch the model could not run."""
-
-
-@dataclass
-class ChannelStatistics:
-    """Running per-input-channel sums of one layer, in float64 on the layer's device."""
-
-    count: int = 0
-    total: torch.Tensor | None = None
-    squares: torch.Tensor | None = None
-
-    def add(self, channels: torch.Tensor) -> None:
-        """Add rows of a (positions, channels) matrix."""
-        values = channels.detach().double()
-        if self.total is None:
-            self.total = torch.zeros(values.shape[1], dtype=torch.float64, device=values.device)
-            self.squares = torch.zeros_like(self.total)
-        self.count += values.shape[0]
-        self.total += values.sum(dim=0)
-        self.squares += values.square().sum(dim=0)
-
-    @property
-    def norm(self) -> torch.Tensor:
-        """‖X_j‖₂ over all calibration positions."""
-        return self.squares.sqrt()
-
-    @property
-    def mean(self) -> torch.Tensor:
-        """E[X_j]."""
-        return self.total / max(self.count, 1)
-
-    @property
-    def variance(self) -> torch.Tensor:
-        """Var(X_j) (population variance, clamped at 0 against rounding)."""
-        return (self.squares / max(self.count, 1) - self.mean.square()).clamp(min=0)
+__all__ = [
+    "CalibrationError",
+    "CalibrationRecord",
+    "StopForward",
+    "as_batches",
+    "collect_statistics",
+    "eval_mode",
+    "input_channels",
+    "run_batch",
+]
 
 
 @dataclass
 class CalibrationRecord:
     """What one pass over the calibration batches saw."""
 
-    statistics: dict[str, ChannelStatistics] = field(default_factory=dict)
+    #: The statistics of every watched layer that was called on a tensor, in float64.
+    statistics: dict[str, LayerStatistics] = field(default_factory=dict)
     #: Watched layer names in the order they were first called.
     call_order: list[str] = field(default_factory=list)
     #: ``calls[name][b]``: how many times the layer ran on batch b.
     calls: dict[str, list[int]] = field(default_factory=dict)
     #: Layers whose every output went straight into this BatchNorm.
     batchnorm_after: dict[str, nn.Module] = field(default_factory=dict)
+    #: ``masks[b]``: batch b's token mask (:func:`prunekit.engines.calibration.token_mask`), or None.
+    masks: list[torch.Tensor | None] = field(default_factory=list)
 
 
-def input_channels(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A layer's input as a (positions, channels) matrix: Linear / HF Conv1D inputs (..., C), and
-    convolution inputs (N, C, *spatial)."""
-    if isinstance(module, nn.modules.conv._ConvNd) and not is_hf_conv1d(module):
-        return x.movedim(1, -1).reshape(-1, x.shape[1])
-    return x.reshape(-1, x.shape[-1])
-
-
-def run_batch(model: nn.Module, batch: Any, index: int) -> Any:
-    """Run one calibration batch; a model error becomes a :class:`CalibrationError` naming the batch."""
-    try:
-        return call_model(model, batch)
-    except StopForward:
-        raise
-    except Exception as error:
-        raise CalibrationError(
-            f"calibration batch {index} was rejected by the model: {type(error).__name__}: {error}. "
-            "Each calibration batch must be what example_inputs accepts: a tensor, a tuple of positional "
-            "inputs or a dict of keyword inputs (e.g. a tokenizer's output)"
-        ) from error
-
-
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass once the layer of interest has run."""
+def input_channels(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A layer's input as a (positions, channels) matrix (:func:`prunekit.engines.calibration.input_rows`),
+    padding tokens dropped when ``mask`` fits."""
+    return input_rows(x, channels_last(module), mask)
 
 
 class eval_mode:
@@ -131,11 +94,9 @@ def collect_statistics(model: nn.Module, batches: list[Any], layers: Mapping[str
 
     def before(module, args):
         name = names[module]
-        if name not in record.statistics:
-            record.statistics[name] = ChannelStatistics()
+        if name not in seen:
+            seen.add(name)
             record.call_order.append(name)
-        if args and isinstance(args[0], torch.Tensor):
-            record.statistics[name].add(input_channels(module, args[0]))
         current[name] += 1
 
     def after(module, args, output):
@@ -149,17 +110,22 @@ def collect_statistics(model: nn.Module, batches: list[Any], layers: Mapping[str
             if found is not None and found[1] is args[0]:
                 fed[found[0]].add(module)
 
+    seen: set[str] = set()
     norms_present = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     handles = []
+    recorder = None
     try:
         for module in names:
             handles.append(module.register_forward_pre_hook(before))
             handles.append(module.register_forward_hook(after))
+        recorder = InputRecorder({name: module for module, name in names.items()}, _float64_sums)
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 handles.append(module.register_forward_pre_hook(norm_input))
         with eval_mode(model):
             for index, batch in enumerate(batches):
+                record.masks.append(token_mask(batch))
+                recorder.mask = record.masks[-1]
                 run_batch(model, batch, index)
                 outputs.clear()  # outputs are held only until the batch ends, to compare identities
                 for name in layers:
@@ -168,10 +134,18 @@ def collect_statistics(model: nn.Module, batches: list[Any], layers: Mapping[str
     finally:
         for handle in handles:
             handle.remove()
+        if recorder is not None:
+            recorder.remove()
+    record.statistics = {name: recorder.statistics[names[layers[name]]] for name in record.call_order}
+    record.statistics = {name: stats for name, stats in record.statistics.items() if stats.width}
     for name, norms in fed.items():
         if len(norms) == 1:
             record.batchnorm_after[name] = next(iter(norms))
     return record
+
+
+def _float64_sums() -> LayerStatistics:
+    return LayerStatistics(sq_norm=True, sum=True, dtype=torch.float64)
 
 
 def as_batches(calibration: Iterable | None) -> list[Any]:

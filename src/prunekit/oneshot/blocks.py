@@ -5,6 +5,10 @@ captured once; each block is then pruned from its own inputs and its pruned outp
 block's inputs, so later blocks see (and compensate for) the errors of earlier ones. Only one block runs at
 a time, so the extra memory is the activations plus one block's statistics, never a second model.
 
+With ``sequential=False`` (:func:`prunekit.oneshot.prune_with_calibration`) each block's statistics and
+its (dense) outputs come from the same pass, before the block is pruned: the statistics are those of the
+dense model's activations, at one forward pass per block.
+
 Blocks are found as the ``nn.ModuleList`` stacks Hugging Face models run (``model.layers`` in
 LLaMA/Mistral/Qwen2, ``model.decoder.layers`` in OPT, ``transformer.h`` in GPT-2, ``encoder.layer`` in
 BERT/ViT, ``encoder.block``/``decoder.block`` in T5), wherever they sit in the model (so a
@@ -14,7 +18,7 @@ sentence-transformers model's inner BERT is found too); any other model names th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -130,10 +134,15 @@ def run_block(block: nn.Module, inputs: BlockInputs, index: int, storage: str | 
     return _carry(inputs.args[index], output), output
 
 
-def next_inputs(block: nn.Module, inputs: BlockInputs, storage: str | None) -> BlockInputs:
-    """The next block's inputs: this block's outputs in place of the hidden states, other inputs kept."""
+def next_inputs(
+    block: nn.Module, inputs: BlockInputs, storage: str | None, before: Callable[[int], None] | None = None
+) -> BlockInputs:
+    """The next block's inputs: this block's outputs in place of the hidden states, other inputs kept.
+    ``before(index)`` is called before the block runs on batch ``index`` (to set a recorder's token mask)."""
     result = BlockInputs(masks=inputs.masks)
     for index in range(len(inputs.args)):
+        if before is not None:
+            before(index)
         args, output = run_block(block, inputs, index, storage)
         hidden = to_device(hidden_of(output), storage)
         kwargs = inputs.kwargs[index]

@@ -1,16 +1,10 @@
-"""Calibration: reading the user's batches, capturing a block's inputs, collecting per-Linear statistics.
+"""Calibration for the sequential path: reading the user's batches and capturing a block's inputs.
 
 A calibration batch is whatever the model accepts (a tensor, a tuple of positional inputs, or a dict of
-keyword inputs, as :func:`prunekit.structure.dependencies.call_model` passes them). The iterable is read
-once. Statistics are streamed over batches and tokens; when a batch carries a 2-D ``attention_mask``,
-padding tokens are left out of them (they carry no signal, and padded batches would otherwise weigh
-pad embeddings as much as words).
-
-Two statistics are collected, on the inputs X (tokens × in_features) of each pruned Linear:
-
-- ``sq_norms``: Σ_tokens X_j², per input channel j (Wanda's ‖X_j‖₂², Sun et al. 2023);
-- ``hessian``: H = 2 XᵀX / n over n tokens (SparseGPT's layer-wise Hessian, Frantar & Alistarh 2023),
-  accumulated in float32.
+keyword inputs, as :func:`prunekit.core.inputs.call_model` passes them). The iterable is read once. The
+per-Linear statistics of each block (Wanda's Σ X_j², SparseGPT's XᵀX, padding tokens left out) are
+:class:`prunekit.engines.calibration.LayerStatistics`, recorded while the block runs on the captured
+inputs (:mod:`.blocks`).
 """
 
 from __future__ import annotations
@@ -22,15 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..structure.dependencies import call_model
+from ..engines.calibration import CalibrationError, StopForward, run_batch, token_mask
 
-
-class CalibrationError(ValueError):
-    """A calibration batch the model rejected, or calibration data that cannot be used."""
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook: nothing after the first block needs to run."""
+__all__ = ["BlockInputs", "CalibrationError", "capture_inputs", "read_batches", "to_device", "token_mask"]
 
 
 def read_batches(calibration: Any) -> list[Any]:
@@ -48,14 +36,6 @@ def read_batches(calibration: Any) -> list[Any]:
     if not batches:
         raise CalibrationError("calibration is empty: pass at least one batch")
     return batches
-
-
-def token_mask(batch: Any) -> torch.Tensor | None:
-    """The batch's 2-D ``attention_mask`` as bool (True = real token), or None."""
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        return mask.bool()
-    return None
 
 
 def to_device(value: Any, device: torch.device | str | None) -> Any:
@@ -106,7 +86,7 @@ def capture_inputs(model: nn.Module, block: nn.Module, batches: list[Any], stora
     def grab(module, args, kwargs):
         captured.args.append(to_device(args, storage))
         captured.kwargs.append(to_device(_no_cache(kwargs), storage))
-        raise _StopForward
+        raise StopForward  # nothing after the first block needs to run
 
     handle = block.register_forward_pre_hook(grab, with_kwargs=True)
     config = getattr(model, "config", None)
@@ -116,14 +96,9 @@ def capture_inputs(model: nn.Module, block: nn.Module, batches: list[Any], stora
             config.use_cache = False
         for index, batch in enumerate(batches):
             try:
-                call_model(model, batch)
-            except _StopForward:
+                run_batch(model, batch, index)
+            except StopForward:
                 pass
-            except Exception as err:
-                raise CalibrationError(
-                    f"calibration batch {index} was rejected by the model: {type(err).__name__}: {err} "
-                    "(a batch is passed as model(batch), model(*batch) for a tuple, or model(**batch) for a dict)"
-                ) from err
             if len(captured.args) != index + 1:
                 raise CalibrationError(
                     f"calibration batch {index} ran through the model without reaching its first block; "
@@ -135,44 +110,3 @@ def capture_inputs(model: nn.Module, block: nn.Module, batches: list[Any], stora
         if use_cache is not None:
             config.use_cache = use_cache
     return captured
-
-
-def linear_inputs(inputs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """A Linear's input as (tokens, in_features) float32, padding tokens dropped when ``mask`` fits."""
-    if mask is not None and inputs.dim() == 3 and tuple(inputs.shape[:2]) == tuple(mask.shape):
-        inputs = inputs[mask.to(inputs.device)]
-    return inputs.reshape(-1, inputs.shape[-1]).float()
-
-
-class LinearStats:
-    """Streams Wanda's Σ X_j² and/or SparseGPT's XᵀX over the inputs of one Linear (forward hook).
-
-    Set :attr:`mask` to the current batch's token mask before each call of the block.
-    """
-
-    def __init__(self, module: nn.Module, in_features: int, *, sq_norms: bool, hessian: bool):
-        self.module = module
-        self.tokens = 0
-        self.mask: torch.Tensor | None = None
-        self.sq_norms = torch.zeros(in_features) if sq_norms else None
-        self.xtx = torch.zeros(in_features, in_features) if hessian else None
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        x = linear_inputs(args[0].detach(), self.mask)
-        if self.sq_norms is not None:
-            if self.sq_norms.device != x.device:
-                self.sq_norms = self.sq_norms.to(x.device)
-            self.sq_norms += x.pow(2).sum(0)
-        if self.xtx is not None:
-            if self.xtx.device != x.device:
-                self.xtx = self.xtx.to(x.device)
-            self.xtx.addmm_(x.t(), x)
-        self.tokens += x.shape[0]
-
-    def hessian(self) -> torch.Tensor:
-        """H = 2 XᵀX / n (float32), scaled in place: the accumulated XᵀX is consumed."""
-        return self.xtx.mul_(2.0 / max(self.tokens, 1))
-
-    def remove(self) -> None:
-        self.handle.remove()

@@ -21,6 +21,8 @@ from .wanda import Wanda
 CRITERIA = ("wanda", "sparsegpt", "magnitude")
 DATA_AWARE = ("wanda", "sparsegpt")
 OFFLOAD = ("auto", True, False)
+#: ``sequential`` when it is not given, per criterion (see :func:`prunekit.oneshot.prune_with_calibration`).
+SEQUENTIAL_DEFAULT = {"wanda": True, "sparsegpt": True, "magnitude": True}
 #: Options of pk.prune that calibrated pruning cannot honour, with the value that means "not used".
 _UNUSED_OPTIONS = {
     "scope": "local",
@@ -57,6 +59,9 @@ class OneShotPlan:
     progress: bool
     left_out: list[str]
     wanda: Wanda | None = None
+    #: True: each block's statistics come from the pruned earlier blocks' outputs (two passes per block);
+    #: False: from the dense model's activations, one pass per block.
+    sequential: bool = True
 
     @property
     def targets(self) -> list[Target]:
@@ -78,6 +83,23 @@ def _criterion_name(criterion: Any) -> str:
         f"criterion {criterion!r} cannot be used with calibration data; calibrated one-shot pruning takes "
         f"{', '.join(map(repr, CRITERIA))}"
     )
+
+
+def _check_sequential(sequential: Any, criterion: str) -> bool:
+    """``sequential`` resolved for ``criterion`` (None: its default, :data:`SEQUENTIAL_DEFAULT`)."""
+    if sequential is None:
+        return SEQUENTIAL_DEFAULT[criterion]
+    if not isinstance(sequential, bool):
+        raise TypeError(f"sequential must be True, False or None (the criterion's default), got {sequential!r}")
+    if not sequential and criterion != "wanda":
+        why = (
+            "SparseGPT updates the remaining weights of each layer, and the next block must be calibrated on "
+            "the outputs of the updated block"
+            if criterion == "sparsegpt"
+            else "criterion='magnitude' reads no activations, so there are no statistics to take from one pass"
+        )
+        raise ValueError(f"sequential=False is for criterion='wanda' only: {why}; leave sequential out")
+    return sequential
 
 
 def wants_calibration(options: Mapping[str, Any]) -> bool:
@@ -109,6 +131,7 @@ def plan_calibrated(
     blocks: str | Sequence[str] | None = None,
     offload: bool | str = "auto",
     progress: bool = True,
+    sequential: bool | None = None,
     **unused: Any,
 ) -> OneShotPlan:
     """Validate a calibrated pruning job and return its plan; the model is not touched.
@@ -169,6 +192,7 @@ def plan_calibrated(
         raise ValueError(f"offload takes 'auto', True or False, got {offload!r}")
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be True or False, got {progress!r}")
+    sequential = _check_sequential(sequential, name)
 
     targets = find_targets(model, include, exclude)
     stacks = find_blocks(model, blocks)
@@ -224,6 +248,7 @@ def plan_calibrated(
         storage=storage,
         progress=progress,
         left_out=left_out,
+        sequential=sequential,
         wanda=(criterion if isinstance(criterion, Wanda) else Wanda(filled_by_calibration=True))
         if name == "wanda"
         else None,

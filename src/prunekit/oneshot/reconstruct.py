@@ -20,9 +20,11 @@ input columns. Two corrections are offered:
   error is never above the masked layer's, and with d free, removed channels that are constant are
   compensated exactly whatever the damping. Layers are refit one at a time in the order the model
   first calls them, each from a fresh pass of the pruned model over the calibration batches (stopped
-  as soon as that layer has run); the dense outputs Y come from one pass of the dense copy, kept while
-  they fit in :data:`CACHE_BYTES` (else the dense model runs again for each layer). Extra memory: one
-  copy of the model, Y, and one layer's XᵀX at a time.
+  as soon as that layer has run); the dense outputs Y come from one pass of the model with its dense
+  values put back from the copy of the changed tensors (:mod:`.snapshot`), kept in memory up to
+  :data:`CACHE_BYTES` and in temporary files beyond. Extra memory: the copy of the tensors pruning
+  changes (the pruned layers and what is sliced with them, not the whole model), Y, and one layer's
+  XᵀX at a time. Padding tokens (a batch's 2-D ``attention_mask``) are left out of X and Y.
 
 Where the bias shift goes: into the layer's bias; a layer without one whose every output goes
 straight into a BatchNorm shifts that norm's running mean instead (μ' = μ − d, exact in eval mode);
@@ -36,6 +38,8 @@ padding. Other consumers keep their masked weights and a warning names them.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +50,9 @@ from torch import nn
 
 from ..core import masks as mask_store
 from ..core.targets import Target, is_hf_conv1d
-from .activations import CalibrationRecord, StopForward, eval_mode, run_batch
+from ..engines.calibration import StopForward, input_rows, run_batch
+from .activations import CalibrationRecord, eval_mode
+from .snapshot import TensorSnapshot
 
 MODES = (False, True, "least_squares", "bias")
 
@@ -88,10 +94,10 @@ class Consumer:
         block = weight.index_select(0, self.rows).index_select(1, self.channels)
         return block.reshape(len(self.rows), -1).double()
 
-    def removed_matrix(self, dense: nn.Module) -> torch.Tensor:
-        """The dense weight (``dense``: this layer in the unpruned model) of the removed channels as
+    def removed_matrix(self, dense: TensorSnapshot) -> torch.Tensor:
+        """The dense weight (from ``dense``, the copy taken before pruning) of the removed channels as
         (kept rows, removed channels, kernel positions)."""
-        weight = dense.weight.detach()
+        weight = dense.dense(self.module, "weight")
         if is_hf_conv1d(self.module):
             weight = weight.t()
         block = weight.index_select(0, self.rows).index_select(1, self.removed)
@@ -108,20 +114,22 @@ class Consumer:
         if keep is not None:  # entries of the refit block pruned before (e.g. unstructured) stay zero
             mask_store.zero_pruned(weight, keep)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer input's kept channels as a (positions, features) matrix."""
+    def features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer input's kept channels as a (positions, features) matrix (padding tokens dropped
+        when the token ``mask`` fits, as in every calibration statistic)."""
         if self.is_conv:
             conv = self.module
             kept = x.index_select(1, self.channels)
             patches = F.unfold(kept, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
             return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-        return x.reshape(-1, x.shape[-1]).index_select(1, self.channels)
+        return input_rows(x, True, mask).index_select(1, self.channels)
 
-    def outputs(self, y: torch.Tensor) -> torch.Tensor:
-        """The layer output's kept rows as a (positions, rows) matrix."""
+    def outputs(self, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer output's kept rows as a (positions, rows) matrix (padding dropped as in :meth:`features`)."""
         if self.is_conv:
             y = y.movedim(1, -1)
-        return y.reshape(-1, y.shape[-1]).index_select(1, self.rows)
+            return y.reshape(-1, y.shape[-1]).index_select(1, self.rows)
+        return input_rows(y, True, mask).index_select(1, self.rows)
 
     def bias_rows(self) -> torch.Tensor | None:
         bias = self.module.bias if self.bias_into == "bias" else None
@@ -170,7 +178,7 @@ def find_consumers(
         module = target.module
         reason = _unsupported(target)
         stats = record.statistics.get(target.name)
-        if reason is None and (stats is None or stats.total is None):
+        if reason is None and (stats is None or not stats.width):
             reason = "it was never called as a module on a positional tensor during calibration"
         if reason is not None:
             skipped.append(f"{target.name} ({reason})")
@@ -217,18 +225,18 @@ def _bias_sink(target: Target, record: CalibrationRecord, all_rows_kept: bool) -
 
 
 def compensate_biases(
-    dense: nn.Module, consumers: list[Consumer], record: CalibrationRecord, added: list[nn.Module]
+    dense: TensorSnapshot, consumers: list[Consumer], record: CalibrationRecord, added: list[nn.Module]
 ) -> list[RefitReport]:
-    """FLAP's bias compensation, b' = b + W_{:,P}·E[X_P], from the dense model's statistics."""
+    """FLAP's bias compensation, b' = b + W_{:,P}·E[X_P], from the dense model's statistics and the
+    dense weights of the removed channels (``dense``: the copy taken before pruning)."""
     reports = []
-    dense_modules = dict(dense.named_modules())
     for layer in consumers:
         report = RefitReport(layer.name, "bias", layer.bias_into)
         if layer.bias_into == "none":
             reports.append(report)
             continue
         mean = record.statistics[layer.name].mean.to(layer.removed.device).index_select(0, layer.removed)
-        delta = (layer.removed_matrix(dense_modules[layer.name]).sum(dim=2) * mean).sum(dim=1)
+        delta = (layer.removed_matrix(dense).sum(dim=2) * mean).sum(dim=1)
         with torch.no_grad():
             layer.shift(delta, added)
         reports.append(report)
@@ -296,84 +304,117 @@ def solve_damped(
 
 
 def refit_least_squares(
-    model: nn.Module, dense: nn.Module, batches: list[Any], consumers: list[Consumer], record: CalibrationRecord,
-    damp: float, added: list[nn.Module],
+    model: nn.Module, dense: TensorSnapshot, batches: list[Any], consumers: list[Consumer],
+    record: CalibrationRecord, damp: float, added: list[nn.Module],
 ) -> list[RefitReport]:  # fmt: skip
-    """Refit each consumer in call order against the dense model's outputs (see the module docstring)."""
+    """Refit each consumer in call order against the dense model's outputs (see the module docstring);
+    ``dense``: the copy of the changed tensors taken before pruning, which recreates the dense model for
+    the one pass that records those outputs."""
     reports = []
-    dense_modules = dict(dense.named_modules())
-    cached = dense_outputs(dense, batches, consumers, record)
-    for layer in consumers:
-        intercept = layer.bias_into != "none"
-        width = len(layer.channels) * (layer.module.weight[0, 0].numel() if layer.is_conv else 1)
-        normal = _Normal(width, len(layer.rows), layer.rows.device, intercept)
-        bias = layer.bias_rows()
-        for index, batch in enumerate(batches):
-            expected = record.calls[layer.name][index]
-            if not expected:
-                continue
-            if cached is not None:
-                outputs = cached[layer.name][index]
-            else:
-                outputs = [layer.outputs(y) for y in _capture(dense, dense_modules[layer.name], batch, index, expected)]
-            inputs = _capture(model, layer.module, batch, index, expected, "input")
-            for x, y in zip(inputs, outputs):
-                target = y.double()
-                residual = target if bias is None else target - bias
-                normal.add(layer.features(x), residual, target)
-        prior = layer.weight_matrix().t()
-        if intercept:
-            prior = torch.cat([prior, prior.new_zeros(1, prior.shape[1])])
-        theta = solve_damped(normal.gram, normal.cross, prior, damp, layer.name, int(intercept))
-        report = RefitReport(layer.name, "least_squares", layer.bias_into, normal.positions)
-        report.error_before, report.error_after = normal.error(prior), normal.error(theta)
-        with torch.no_grad():
-            layer.write_weight(theta[:width].t())
-            if intercept:
-                layer.shift(theta[width], added)
-        reports.append(report)
+    with dense.dense_model():
+        cached = dense_outputs(model, batches, consumers, record)
+    try:
+        for layer in consumers:
+            reports.append(_refit(model, layer, batches, cached, record, damp, added))
+    finally:
+        cached.close()
     return reports
 
 
-class _CacheFull(StopForward):
-    pass
+def _refit(
+    model: nn.Module, layer: Consumer, batches: list[Any], cached: OutputStore, record: CalibrationRecord,
+    damp: float, added: list[nn.Module],
+) -> RefitReport:  # fmt: skip
+    intercept = layer.bias_into != "none"
+    width = len(layer.channels) * (layer.module.weight[0, 0].numel() if layer.is_conv else 1)
+    normal = _Normal(width, len(layer.rows), layer.rows.device, intercept)
+    bias = layer.bias_rows()
+    for index, batch in enumerate(batches):
+        expected = record.calls[layer.name][index]
+        if not expected:
+            continue
+        outputs = cached.get(layer.name, index)
+        inputs = _capture(model, layer.module, batch, index, expected, "input")
+        for x, y in zip(inputs, outputs):
+            target = y.double()
+            residual = target if bias is None else target - bias
+            normal.add(layer.features(x, record.masks[index]), residual, target)
+    prior = layer.weight_matrix().t()
+    if intercept:
+        prior = torch.cat([prior, prior.new_zeros(1, prior.shape[1])])
+    theta = solve_damped(normal.gram, normal.cross, prior, damp, layer.name, int(intercept))
+    report = RefitReport(layer.name, "least_squares", layer.bias_into, normal.positions)
+    report.error_before, report.error_after = normal.error(prior), normal.error(theta)
+    with torch.no_grad():
+        layer.write_weight(theta[:width].t())
+        if intercept:
+            layer.shift(theta[width], added)
+    return report
 
 
-#: Most bytes of dense-model outputs kept for the whole refit; above it, the dense model runs again
-#: for every refit layer (twice the forward passes, no extra memory).
+#: Most bytes of dense-model outputs kept in memory for the whole refit; the rest is written to a
+#: temporary directory and read back layer by layer (the same values, no second model).
 CACHE_BYTES = 2 << 30
 
 
+class OutputStore:
+    """The dense outputs of the consumers, ``[layer][batch]`` → one matrix per call: in memory up to
+    :data:`CACHE_BYTES`, the rest in files of a temporary directory (removed by :meth:`close`)."""
+
+    def __init__(self, consumers: list[Consumer], batches: int):
+        self.found = {layer.name: [[] for _ in range(batches)] for layer in consumers}
+        self.size = 0
+        self.directory: tempfile.TemporaryDirectory | None = None
+
+    def add(self, name: str, index: int, matrix: torch.Tensor) -> None:
+        self.size += matrix.numel() * matrix.element_size()
+        if self.size <= CACHE_BYTES:
+            self.found[name][index].append(matrix)
+            return
+        if self.directory is None:
+            self.directory = tempfile.TemporaryDirectory(prefix="prunekit-refit-")
+        path = os.path.join(self.directory.name, f"{len(os.listdir(self.directory.name))}.pt")
+        torch.save(matrix.cpu(), path)
+        self.found[name][index].append((path, matrix.device))
+
+    def get(self, name: str, index: int) -> list[torch.Tensor]:
+        return [
+            item if isinstance(item, torch.Tensor) else torch.load(item[0]).to(item[1])
+            for item in self.found[name][index]
+        ]
+
+    def close(self) -> None:
+        if self.directory is not None:
+            self.directory.cleanup()
+            self.directory = None
+
+
 def dense_outputs(
-    dense: nn.Module, batches: list[Any], consumers: list[Consumer], record: CalibrationRecord
-) -> dict[str, list[list[torch.Tensor]]] | None:
-    """The kept output rows of every consumer on every batch, from one pass of the dense model
-    (``found[layer][batch]``: one matrix per call), or None once they would exceed :data:`CACHE_BYTES`."""
-    found = {layer.name: [[] for _ in batches] for layer in consumers}
-    by_module = {dense.get_submodule(layer.name): layer for layer in consumers}
-    size, current = 0, [0]
+    model: nn.Module, batches: list[Any], consumers: list[Consumer], record: CalibrationRecord
+) -> OutputStore:
+    """The kept output rows of every consumer on every batch, from one pass of ``model`` (run it while
+    it holds its dense values, :meth:`.snapshot.TensorSnapshot.dense_model`), padding tokens dropped."""
+    store = OutputStore(consumers, len(batches))
+    by_module = {layer.module: layer for layer in consumers}
+    current = [0]
 
     def keep(module, _args, output):
-        nonlocal size
         layer = by_module[module]
-        matrix = layer.outputs(output.detach())
-        size += matrix.numel() * matrix.element_size()
-        if size > CACHE_BYTES:
-            raise _CacheFull
-        found[layer.name][current[0]].append(matrix)
+        store.add(layer.name, current[0], layer.outputs(output.detach(), record.masks[current[0]]))
 
     handles = [module.register_forward_hook(keep) for module in by_module]
     try:
-        with eval_mode(dense):
+        with eval_mode(model):
             for index, batch in enumerate(batches):
                 current[0] = index
-                run_batch(dense, batch, index)
-    except _CacheFull:
-        return None
+                run_batch(model, batch, index)
+    except BaseException:
+        store.close()
+        raise
     finally:
         for handle in handles:
             handle.remove()
-    return found
+    return store
 
 
 def _capture(model: nn.Module, module: nn.Module, batch: Any, index: int, expected: int, what: str = "output") -> list:

@@ -24,14 +24,12 @@ units exactly.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..core.masks import MASK_PREFIX
 from ..core.targets import LayerSelector, Target
 from ..methods.criteria import Criterion, L2Magnitude, Magnitude, Random
 from ..methods.granularity import OutChannel, get_granularity
@@ -46,6 +44,7 @@ from .reconstruct import (
     refit_least_squares,
     warn_skipped,
 )
+from .snapshot import TensorSnapshot
 
 
 class ActivationCriterion(Criterion):
@@ -58,7 +57,7 @@ class ActivationCriterion(Criterion):
     def channel_scale(self, target: Target) -> torch.Tensor:
         """The per-input-channel factor in the (out, in, kernel) layout of ``target``'s weight."""
         stats = None if self.record is None else self.record.statistics.get(target.name)
-        if stats is None or stats.total is None or target.param_name != "weight":
+        if stats is None or not stats.width or target.param_name != "weight":
             raise ValueError(
                 f"criterion {self.name!r} needs the inputs of {target.name!r}, but that layer was never called "
                 "as a module on a tensor during calibration (nn.MultiheadAttention applies its weights "
@@ -192,7 +191,8 @@ def prune_structured_with_calibration(
     if data_aware:
         scorer.record = record
     kept_before = {t.full_name: kept_inputs(t) for t in pruner.targets}
-    dense = copy.deepcopy(model) if mode else None
+    # Not a dense model: a copy of only the tensors pruning and reconstruction may change.
+    dense = TensorSnapshot(_touched_modules(pruner, record)) if mode else None
     pruner.prune()  # validates the masks before it changes anything
     pruner.reconstruction: list[RefitReport] = []
     if not mode:
@@ -205,7 +205,7 @@ def prune_structured_with_calibration(
         else:
             reports = refit_least_squares(model, dense, batches, consumers, record, float(damp), added)
     except BaseException:
-        restore(model, dense, added)
+        dense.restore(added)
         raise
     warn_skipped(skipped, [r.layer for r in reports if r.bias_into == "none"])
     pruner.reconstruction = reports
@@ -220,17 +220,16 @@ def _check_mode(reconstruct: object) -> str | None:
     raise ValueError(f"reconstruct must be False, True, 'least_squares' or 'bias', got {reconstruct!r}")
 
 
-@torch.no_grad()
-def restore(model: nn.Module, dense: nn.Module, added: list[nn.Module]) -> None:
-    """Put ``model`` back as ``dense`` (its copy before pruning): parameters, buffers and masks."""
-    for module in added:
-        module.bias = None
-    model.load_state_dict(dense.state_dict())
-    dense_modules = dict(dense.named_modules())
-    for name, module in model.named_modules():
-        original = dense_modules[name]._buffers
-        for buffer_name in [b for b in module._buffers if b.startswith(MASK_PREFIX)]:
-            if buffer_name in original:
-                module._buffers[buffer_name] = original[buffer_name].clone()
-            else:
-                del module._buffers[buffer_name]
+def _touched_modules(pruner: Pruner, record: CalibrationRecord | None) -> list[nn.Module]:
+    """The modules whose tensors pruning or reconstruction may change: the targets, the modules sliced
+    with them, and the BatchNorms that may take a bias shift."""
+    modules = [t.module for t in pruner.targets]
+    if pruner.dependencies is not None:  # the tensors cut with the targets' units (a unit no target has stays)
+        weights = {(id(t.module), t.param_name) for t in pruner.targets}
+        pieces = pruner.dependencies.slices
+        units = set().union(*[set(p.unit.tolist()) for p in pieces if (id(p.module), p.tensor_name) in weights])
+        units.discard(-1)
+        modules += [p.module for p in pieces if units.intersection(p.unit.tolist())]
+    if record is not None:
+        modules += list(record.batchnorm_after.values())
+    return modules
