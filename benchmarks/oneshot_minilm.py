@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, machine, today, write_result  # noqa: E402
 
 import prunekit as pk  # noqa: E402
+from prunekit.bench.embeddings import embed, mean_cosine, tokenized_batches  # noqa: E402
 from prunekit.bench.text_lm import docstrings, stdlib_files  # noqa: E402
 
 CALIBRATION_FILES = (0, 80)  # stdlib_files(start, count)
@@ -56,20 +57,7 @@ def load():
 
 
 def batches(tokenizer, texts, size):
-    return [
-        tokenizer(texts[i : i + size], return_tensors="pt", padding=True, truncation=True, max_length=MAX_LENGTH)
-        for i in range(0, len(texts), size)
-    ]
-
-
-@torch.no_grad()
-def embed(model, data) -> torch.Tensor:
-    out = []
-    for batch in data:
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
+    return tokenized_batches(tokenizer, texts, size, MAX_LENGTH)
 
 
 def prune(model, method, setting, calibration):
@@ -186,7 +174,7 @@ def timings(model, calibration, rounds: int = 3) -> dict[str, float]:
 
 
 def cosine(model, data, dense) -> float:
-    return float((embed(model, data) * dense).sum(-1).mean())
+    return mean_cosine(model, data, dense)
 
 
 def versions() -> str:

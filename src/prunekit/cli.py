@@ -7,6 +7,7 @@
     prunekit summary MODEL [--factory MODULE:FACTORY] [--input-shape 1,3,224,224] [--json] [--max-depth K]
     prunekit prune MODEL --recipe r.yaml --out PATH [--factory MODULE:FACTORY] [--calibration FILE]
                    [--compact] [--input-shape 1,3,224,224] [--json]
+    prunekit reproduce RECIPE [--smoke] [--data DIR] [--out FILE.md] [--json]
 
 MODEL is ``MODULE:FACTORY`` (e.g. ``torchvision.models:resnet18``), a file saved with
 ``pk.save_pruned`` (rebuilt into ``--factory``'s architecture) or a Hugging Face folder.
@@ -108,6 +109,23 @@ def _build_parser() -> _Parser:
     )
     prune.add_argument("--compact", action="store_true", help="remove the pruned channels (structured recipes)")
     prune.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="run a shipped recipe's study and print its number beside the committed one",
+        description=(
+            "Run the study of RECIPE (a recipe with a 'study' section, e.g. recipes/han_lenet300_32x.yaml): "
+            "train, prune and evaluate as it says, with prunekit.bench, and print the measured number beside "
+            "the committed one. Nothing is written unless --out is given."
+        ),
+    )
+    reproduce.add_argument("recipe", metavar="RECIPE", help="a recipe YAML file with a study section")
+    reproduce.add_argument(
+        "--smoke", action="store_true", help="the recipe's smallest form: a check that it runs, not of its number"
+    )
+    reproduce.add_argument("--data", metavar="DIR", help="folder of the MNIST test-set files (default: the recipe's)")
+    reproduce.add_argument("--out", metavar="FILE", help="also write the result as Markdown to FILE")
+    reproduce.add_argument("--json", action="store_true", help="print the result (per-seed rows included) as JSON")
     return parser
 
 
@@ -129,7 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.input_shape = _parse_shape(args.input_shape) if args.input_shape is not None else None
             run_prune(args)
             return EXIT_OK
-        raise UsageError("choose a command: demo, summary or prune (see prunekit --help)")
+        if args.command == "reproduce":
+            from .commands.reproduce import run_reproduce
+
+            run_reproduce(args)
+            return EXIT_OK
+        raise UsageError("choose a command: demo, summary, prune or reproduce (see prunekit --help)")
     except UsageError as err:
         print(f"prunekit: error: {err}", file=sys.stderr)
         return EXIT_USAGE

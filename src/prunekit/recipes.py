@@ -17,7 +17,10 @@ exclude: [classifier]        # name patterns, or torch.nn types by name ("nn.Emb
 keyword arguments: ``optimizer=``, ``example_inputs=``, ``data=``, or a recipe value replaced);
 ``pruner.to_recipe()`` writes its configuration back as YAML, and reading that gives the same
 pruner. A ``calibration`` section (``{samples, batch_size, sequence_length, source}``) describes the
-data of one-shot methods for tools such as the CLI; the pruner itself takes the batches.
+data of one-shot methods for tools such as the CLI; the pruner itself takes the batches. A ``study``
+section describes the training protocol around the pruner (epochs, optimizer, rounds, seeds, data) of a
+shipped recipe; the pruner never reads it: ``prunekit reproduce`` (:mod:`prunekit.bench.studies`)
+validates and runs it.
 
 Recipes are read with YAML's safe loader (no object is ever constructed from the file) and validated
 with pydantic: an unknown key names itself and the valid ones, a bad value names its key, its line and
@@ -42,8 +45,13 @@ from .methods.schedules import Iterative, schedule_from_dict
 RECIPE_KEYS = (
     "sparsity", "criterion", "granularity", "scope", "schedule", "layer_sparsity", "include", "exclude",
     "min_kept", "coupled", "prune_outputs", "round_to", "max_layer_sparsity", "sparsity_in", "prune_only",
-    "seed", "mask_gradients", "max_fan_in", "calibration",
+    "seed", "mask_gradients", "max_fan_in", "calibration", "study",
 )  # fmt: skip
+
+
+#: Calibrated one-shot methods of ``pk.prune`` (:mod:`prunekit.oneshot`) that are not per-weight criteria
+#: of the registry; a recipe may name them for ``pk.prune`` and the CLI (the pruner itself refuses them).
+ONESHOT_METHODS = ("sparsegpt",)
 
 
 class RecipeError(ValueError):
@@ -86,6 +94,7 @@ def _schema():
         mask_gradients: bool = False
         max_fan_in: int | None = Field(None, ge=1)
         calibration: Calibration | None = None
+        study: dict[str, Any] | None = None  # validated by prunekit.bench.studies, which runs it
 
     return Recipe
 
@@ -140,8 +149,8 @@ class Recipe:
 
     def _check_names(self) -> None:
         criterion = self.values.get("criterion")
-        if criterion is not None and criterion not in CRITERIA:
-            valid = ", ".join(sorted(CRITERIA))
+        if criterion is not None and criterion not in CRITERIA and criterion not in ONESHOT_METHODS:
+            valid = ", ".join(sorted([*CRITERIA, *ONESHOT_METHODS]))
             raise RecipeError(
                 f"{self._where('criterion')}: criterion {criterion!r} is not registered; valid names are {valid}"
             )
@@ -157,10 +166,23 @@ class Recipe:
         """The recipe's calibration settings (for tools that build the batches), or None."""
         return self.values.get("calibration")
 
+    @property
+    def study(self) -> dict[str, Any] | None:
+        """The recipe's training protocol (for ``prunekit reproduce``), unvalidated here, or None."""
+        return self.values.get("study")
+
+    def where(self, path: tuple = ()) -> str:
+        """``"<file>, line N"`` of the key at ``path`` (or of its nearest enclosing key), for messages."""
+        path = tuple(path)
+        while path and path not in self._lines:
+            path = path[:-1]
+        return f"{self.source}, line {self._lines[path]}" if path else self.source
+
     def pruner_arguments(self) -> dict[str, Any]:
         """Keyword arguments for :class:`prunekit.Pruner` (schedule and granularity built, module types
-        named in include/exclude resolved in ``torch.nn``)."""
-        arguments = {k: v for k, v in self.values.items() if k != "calibration"}
+        named in include/exclude resolved in ``torch.nn``; the ``calibration`` and ``study`` sections are
+        not pruner arguments)."""
+        arguments = {k: v for k, v in self.values.items() if k not in ("calibration", "study")}
         if "granularity" in arguments:
             arguments["granularity"] = get_granularity(arguments["granularity"])
         schedule = arguments.pop("schedule", None)
