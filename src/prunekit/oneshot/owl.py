@@ -101,9 +101,9 @@ def owl_sparsities(
     weights = torch.tensor(sizes, dtype=torch.float64)
     weights = weights / weights.sum()
     low, high = float(ratios.min()), float(ratios.max())
-    if high - low <= 1e-12 * max(abs(high), 1e-300):  # equal ratios: nothing to spread
+    if high == low:  # equal ratios: nothing to spread (ratios are counts over sizes, so exact)
         return [float(target)] * len(sizes)
-    normalised = (ratios - low) * (2 * spread / (high - low))
+    normalised = (ratios - low) / (high - low) * (2 * spread)
     sparsities = target - (normalised - (weights * normalised).sum())
     if float(sparsities.min()) < 0 or float(sparsities.max()) >= 1:
         raise ValueError(
