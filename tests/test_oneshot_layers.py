@@ -121,6 +121,26 @@ def test_sparsegpt_matches_reference(nm):
     assert new.dtype == weight.dtype and not keep[:, 7].any()
 
 
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_sparsegpt_block_selection_breaks_ties_like_a_stable_sort(sparsity):
+    """With H = 2I every column has the same U_jj and no OBS update reaches other columns, so each block's
+    mask is its lowest w² in row-major order, earlier position first among equal values (weights drawn
+    from 5 values: many ties, and the cut falls inside a run of equal ones)."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randint(-2, 3, (16, 300), generator=gen).float()
+    _, keep = sparsegpt_prune(weight, 2 * torch.eye(300), sparsity)
+    for start in range(0, 300, 128):
+        block = weight[:, start : start + 128]
+        count = round(block.numel() * sparsity)
+        expected = torch.zeros(block.numel(), dtype=torch.bool)
+        expected[torch.sort(block.square().flatten(), stable=True).indices[:count]] = True
+        assert torch.equal(~keep[:, start : start + 128], expected.view_as(block))
+    weight[0, 0] = float("nan")  # a NaN saliency orders last, as in a sort: it is never among the lowest
+    _, with_nan = sparsegpt_prune(weight, 2 * torch.eye(300), sparsity)
+    assert with_nan[0, 0] and torch.equal(with_nan[:, 128:], keep[:, 128:])
+    assert int((~with_nan[:, :128]).sum()) == round(16 * 128 * sparsity)
+
+
 def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude():
     gen = torch.Generator().manual_seed(2)
     weight = torch.randn(64, 256, generator=gen)
