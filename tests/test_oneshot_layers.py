@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 import prunekit as pk
 from prunekit.core.targets import Target
-from prunekit.oneshot import Wanda, keep_n_of_m, keep_per_row, owl_sparsities, sparsegpt_prune, wanda_keep
+from prunekit.oneshot import (
+    Wanda,
+    keep_n_of_m,
+    keep_per_row,
+    outlier_ratio,
+    owl_sparsities,
+    sparsegpt_prune,
+    wanda_keep,
+)
 
 
 def test_wanda_mask_by_hand():
@@ -113,6 +121,26 @@ def test_sparsegpt_matches_reference(nm):
     assert new.dtype == weight.dtype and not keep[:, 7].any()
 
 
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_sparsegpt_block_selection_breaks_ties_like_a_stable_sort(sparsity):
+    """With H = 2I every column has the same U_jj and no OBS update reaches other columns, so each block's
+    mask is its lowest w² in row-major order, earlier position first among equal values (weights drawn
+    from 5 values: many ties, and the cut falls inside a run of equal ones)."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randint(-2, 3, (16, 300), generator=gen).float()
+    _, keep = sparsegpt_prune(weight, 2 * torch.eye(300), sparsity)
+    for start in range(0, 300, 128):
+        block = weight[:, start : start + 128]
+        count = round(block.numel() * sparsity)
+        expected = torch.zeros(block.numel(), dtype=torch.bool)
+        expected[torch.sort(block.square().flatten(), stable=True).indices[:count]] = True
+        assert torch.equal(~keep[:, start : start + 128], expected.view_as(block))
+    weight[0, 0] = float("nan")  # a NaN saliency orders last, as in a sort: it is never among the lowest
+    _, with_nan = sparsegpt_prune(weight, 2 * torch.eye(300), sparsity)
+    assert with_nan[0, 0] and torch.equal(with_nan[:, 128:], keep[:, 128:])
+    assert int((~with_nan[:, :128]).sum()) == round(16 * 128 * sparsity)
+
+
 def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude():
     gen = torch.Generator().manual_seed(2)
     weight = torch.randn(64, 256, generator=gen)
@@ -149,12 +177,14 @@ def test_sparsegpt_raises_damping_before_giving_up():
 @given(
     st.lists(st.floats(0, 0.2), min_size=2, max_size=12),
     st.data(),
-    st.floats(0.1, 0.9),
+    st.floats(0.16, 0.84),
 )
 def test_owl_sparsities_bounded_exact_and_monotone(ratios, data, target):
     sizes = data.draw(st.lists(st.integers(1, 1000), min_size=len(ratios), max_size=len(ratios)))
     sparsities = owl_sparsities(ratios, sizes, target)
-    assert all(abs(s - target) <= 0.08 + 1e-9 and 0 <= s < 1 for s in sparsities)
+    assert all(abs(s - target) <= 2 * 0.08 + 1e-9 and 0 <= s < 1 for s in sparsities)
+    if max(ratios) > min(ratios):  # the paper's min-max map: the block sparsities span exactly 2λ
+        assert max(sparsities) - min(sparsities) == pytest.approx(2 * 0.08, abs=1e-9)
     total = sum(s * n for s, n in zip(sparsities, sizes)) / sum(sizes)
     assert total == pytest.approx(target, abs=1e-9)
     for i in range(len(ratios)):
@@ -164,9 +194,39 @@ def test_owl_sparsities_bounded_exact_and_monotone(ratios, data, target):
 
 
 def test_owl_by_hand():
-    # ratios 0.01, 0.03 (mean 0.02, deviations ∓0.01): the largest deviation maps to λ = 0.08
+    # ratios 0.01, 0.03 → min-max onto [0, 2λ] = [0, 0.16] → centred: ∓0.08 → sparsities 0.78, 0.62
     assert owl_sparsities([0.01, 0.03], [10, 10], 0.7) == pytest.approx([0.78, 0.62])
     assert owl_sparsities([0.05, 0.05, 0.05], [1, 2, 3], 0.5) == [0.5, 0.5, 0.5]
+    # ratios 1, 1, 4 (equal sizes) → [0, 0, 0.16], mean 0.16/3: the outlier-rich block goes 2λ·2/3 below S,
+    # the others 2λ/3 above (the reference code's map; a max-deviation map would give -0.08 / +0.04)
+    assert owl_sparsities([1.0, 1.0, 4.0], [5, 5, 5], 0.6) == pytest.approx([0.6 + 0.16 / 3] * 2 + [0.6 - 0.32 / 3])
+    # unequal sizes: centred on the parameter-weighted mean, so the total is exact: r = [0, 0.16], weights
+    # 3/4, 1/4 → mean 0.04 → sparsities 0.64, 0.48; 3·0.64 + 0.48 = 4·0.6
+    assert owl_sparsities([0.0, 2.0], [30, 10], 0.6) == pytest.approx([0.64, 0.48])
+    # λ is a parameter; a target without room for ±2λ is refused
+    assert owl_sparsities([0.0, 1.0], [1, 1], 0.5, spread=0.04) == pytest.approx([0.54, 0.46])
+    with pytest.raises(ValueError, match="leave"):
+        owl_sparsities([0.0, 0.0, 1.0], [1, 1, 1], 0.1)
+
+
+def test_outlier_ratio_uses_one_threshold_over_all_the_tensors_together():
+    small, large = torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([10.0, 10.0, 10.0, 50.0])
+    # together: mean 84/8 = 10.5; M = 3 → threshold 31.5: only the 50 is above → 1/8.
+    assert outlier_ratio(lambda: [small, large], 3.0) == 1 / 8
+    # `large` against its own mean (20): 50 < 3·20, no outlier
+    assert outlier_ratio(lambda: [large], 3.0) == 0.0
+    assert outlier_ratio(lambda: [small, large], 0.5) == 4 / 8  # above 5.25: all of `large`
+
+
+def test_owl_options_are_validated():
+    assert pk.OWL() == pk.OWL(5, 0.08) and pk.OWL(outlier_multiplier=3).spread == 0.08
+    for bad in (dict(outlier_multiplier=0), dict(outlier_multiplier=True), dict(spread=-0.1), dict(spread=0.3),
+                dict(spread=float("nan")), dict(outlier_multiplier="5")):  # fmt: skip
+        with pytest.raises(ValueError, match="OWL"):
+            pk.OWL(**bad)
+    pk.OWL(spread=0.1).check_target(0.2)
+    with pytest.raises(ValueError, match=r"sparsity in \[0.2, 0.8\]"):
+        pk.OWL(spread=0.1).check_target(0.15)
 
 
 def test_wanda_with_statistics_is_a_plain_criterion_for_the_pruner():

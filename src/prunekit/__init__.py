@@ -44,7 +44,7 @@ from .methods.criteria import (
 )
 from .methods.granularity import NM, Block, Granularity, register_granularity
 from .methods.schedules import Gradual, Iterative, OneShot, Schedule, epochs_to_steps
-from .oneshot import perplexity
+from .oneshot import OWL, perplexity
 from .plans import apply_plan
 from .pruner import Pruner
 from .recipes import Recipe, RecipeError, load_recipe
@@ -89,6 +89,7 @@ __all__ = [
     "Magnitude",
     "Movement",
     "NM",
+    "OWL",
     "OneShot",
     "Pruner",
     "PruningConfig",

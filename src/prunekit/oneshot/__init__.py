@@ -13,7 +13,7 @@ Most users call it through ``pk.prune(model, sparsity=0.5, criterion="wanda", ca
 """
 
 from .api import CalibrationError, OneShotResult, plan_calibrated, prune_with_calibration, run_calibrated
-from .owl import owl_sparsities
+from .owl import OWL, outlier_ratio, owl_sparsities
 from .perplexity import perplexity
 from .rows import keep_n_of_m, keep_per_row
 from .sparsegpt import sparsegpt_prune
@@ -22,10 +22,12 @@ from .wanda import Wanda, wanda_keep
 
 __all__ = [
     "CalibrationError",
+    "OWL",
     "OneShotResult",
     "Wanda",
     "keep_n_of_m",
     "keep_per_row",
+    "outlier_ratio",
     "owl_sparsities",
     "perplexity",
     "plan_calibrated",

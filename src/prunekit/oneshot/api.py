@@ -25,7 +25,7 @@ from ..methods.granularity import Granularity
 from .blocks import next_inputs, run_block
 from .calibration import BlockInputs, CalibrationError, capture_inputs
 from .offload import read_weight, write_weight
-from .owl import outlier_count, owl_sparsities
+from .owl import OWL, outlier_ratio, owl_sparsities
 from .plan import OneShotPlan, plan_calibrated, pruner_options, wants_calibration
 from .rows import keep_n_of_m, keep_per_row
 from .sparsegpt import sparsegpt_prune
@@ -135,24 +135,25 @@ def _collect(
 
 
 def _owl_block_sparsities(plan: OneShotPlan, bar) -> list[list[float]]:
-    """OWL pass over the dense model: each block's outlier ratio of Wanda scores, then its sparsity."""
+    """OWL pass over the dense model: each block's outlier ratio of the Wanda scores of all its pruned
+    layers together (one M × mean threshold per block, as in Yin et al.'s code), then its sparsity."""
     ratios, sizes = [], []
     for (_, stack), stack_targets in zip(plan.stacks, plan.block_targets):
         inputs = capture_inputs(plan.model, stack[0], plan.batches, plan.storage)
         for block, targets in zip(stack, stack_targets):
             if targets:
                 stats = _collect(block, targets, inputs, plan, hessian=False)
-                outliers = total = 0
-                for t in targets:
-                    scores = wanda_scores(_out_in(t, read_weight(t.module)), stats[t.full_name].sq_norm)
-                    outliers += outlier_count(scores)
-                    total += scores.numel()
-                ratios.append(outliers / total)
-                sizes.append(total)
+
+                def scores(targets=targets, stats=stats):  # recomputed per pass: one layer's scores at a time
+                    for t in targets:
+                        yield wanda_scores(_out_in(t, read_weight(t.module)), stats[t.full_name].sq_norm)
+
+                ratios.append(outlier_ratio(scores, plan.owl.outlier_multiplier))
+                sizes.append(sum(t.param.numel() for t in targets))
             inputs = next_inputs(block, inputs, plan.storage)
             if bar is not None:
                 bar.update(1)
-    spread = iter(owl_sparsities(ratios, sizes, plan.sparsity))
+    spread = iter(owl_sparsities(ratios, sizes, plan.sparsity, plan.owl.spread))
     return [[next(spread) if targets else plan.sparsity for targets in stack] for stack in plan.block_targets]
 
 
@@ -221,7 +222,7 @@ def prune_with_calibration(
     criterion: str | Criterion = "wanda",
     granularity: str | Granularity = "weight",
     calibration: Iterable | None = None,
-    layer_sparsity: str | Mapping[str, float] | None = None,
+    layer_sparsity: str | OWL | Mapping[str, float] | None = None,
     include: LayerSelector | Iterable[LayerSelector] | None = None,
     exclude: LayerSelector | Iterable[LayerSelector] | None = None,
     min_kept: int = 1,
@@ -238,8 +239,9 @@ def prune_with_calibration(
             pruning with weight update, Frantar & Alistarh 2023) or ``"magnitude"`` (with OWL only).
         granularity: ``"weight"`` (unstructured) or ``pk.NM(n, m)``.
         calibration: an iterable of batches the model accepts (tensor, tuple or dict), read once.
-        layer_sparsity: ``"owl"`` (Yin et al. 2024: layer sparsities from outlier ratios, within ±0.08 of
-            ``sparsity``, total exact) or ``{name pattern: sparsity}`` overrides (0.0 leaves a layer dense).
+        layer_sparsity: ``"owl"`` or ``pk.OWL(outlier_multiplier=5, spread=0.08)`` (Yin et al. 2024: one
+            sparsity per block from its share of outlier scores, spanning 2 × spread around ``sparsity``,
+            total exact) or ``{name pattern: sparsity}`` overrides (0.0 leaves a layer dense).
         include / exclude / min_kept: as for :class:`prunekit.Pruner` (min_kept: weights per layer).
         blocks: path(s) of the ``nn.ModuleList`` of blocks, when they are not found automatically.
         offload: keep the captured activations on the CPU (``"auto"``: when the model is on a GPU).

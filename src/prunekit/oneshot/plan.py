@@ -15,7 +15,7 @@ from ..methods.criteria import Criterion
 from ..methods.granularity import NM, Granularity, Weight, get_granularity
 from .blocks import block_device, find_blocks
 from .calibration import read_batches
-from .owl import SPREAD
+from .owl import OWL
 from .wanda import Wanda
 
 CRITERIA = ("wanda", "sparsegpt", "magnitude")
@@ -53,7 +53,7 @@ class OneShotPlan:
     stacks: list[tuple[str, nn.ModuleList]]
     block_targets: list[list[list[Target]]]  # [stack][block] -> the targets pruned in that block
     overrides: dict[str, float]
-    owl: bool
+    owl: OWL | None  # OWL's options when layer sparsities come from outlier ratios
     min_kept: int
     storage: str | None
     progress: bool
@@ -109,7 +109,8 @@ def wants_calibration(options: Mapping[str, Any]) -> bool:
     granularity = options.get("granularity", "weight")
     if not (granularity == "weight" or isinstance(granularity, (Weight, NM))):
         return False  # structured pruning from calibration data is handled elsewhere
-    if isinstance(options.get("layer_sparsity"), str) and options["layer_sparsity"] == "owl":
+    layer_sparsity = options.get("layer_sparsity")
+    if isinstance(layer_sparsity, OWL) or (isinstance(layer_sparsity, str) and layer_sparsity == "owl"):
         return True
     criterion = options.get("criterion")
     if isinstance(criterion, Wanda):
@@ -124,7 +125,7 @@ def plan_calibrated(
     criterion: str | Criterion = "wanda",
     granularity: str | Granularity = "weight",
     calibration: Iterable | None = None,
-    layer_sparsity: str | Mapping[str, float] | None = None,
+    layer_sparsity: str | OWL | Mapping[str, float] | None = None,
     include: LayerSelector | Iterable[LayerSelector] | None = None,
     exclude: LayerSelector | Iterable[LayerSelector] | None = None,
     min_kept: int = 1,
@@ -147,17 +148,20 @@ def plan_calibrated(
                 f"option {option}={value!r} has no meaning in calibrated one-shot pruning (criterion={name!r}, "
                 "which prunes each layer inside the model's blocks from its calibration inputs); remove it"
             )
-    owl = layer_sparsity == "owl"
-    if isinstance(layer_sparsity, str) and not owl:
-        raise ValueError(f"layer_sparsity takes 'owl' or a dict {{name pattern: sparsity}}, got {layer_sparsity!r}")
+    if isinstance(layer_sparsity, str) and layer_sparsity != "owl":
+        raise ValueError(
+            f"layer_sparsity takes 'owl' or a dict {{name pattern: sparsity}} (or pk.OWL(...) for OWL's options), "
+            f"got {layer_sparsity!r}"
+        )
+    owl = OWL() if isinstance(layer_sparsity, str) else layer_sparsity if isinstance(layer_sparsity, OWL) else None
     if calibration is None:
         why = f"criterion={name!r}" if name in DATA_AWARE else "layer_sparsity='owl'"
-        if name in DATA_AWARE or owl:  # (magnitude without OWL is refused below)
+        if name in DATA_AWARE or owl is not None:  # (magnitude without OWL is refused below)
             raise ValueError(
                 f"{why} needs calibration data, and the argument calibration= is missing: pass an iterable of "
                 "batches the model accepts, e.g. calibration=[tokenizer(texts, return_tensors='pt', padding=True)]"
             )
-    if name == "magnitude" and not owl:
+    if name == "magnitude" and owl is None:
         if calibration is None:
             raise ValueError(
                 "criterion='magnitude' reads no data: prune with pk.prune(model, sparsity, criterion='magnitude')"
@@ -175,17 +179,15 @@ def plan_calibrated(
     if isinstance(gran, NM):
         if sparsity is not None and abs(float(sparsity) - gran.sparsity) > 1e-9:
             raise ValueError(f"{gran.name} fixes the sparsity at {gran.sparsity:g}; leave sparsity out")
-        if owl:
+        if owl is not None:
             raise ValueError("layer_sparsity='owl' gives layers different sparsities, which N:M cannot have")
         target = gran.sparsity
     else:
         if sparsity is None:
             raise TypeError("sparsity is required: the fraction of weights to prune, e.g. sparsity=0.5")
         target = check_sparsity(sparsity)
-        if owl and not SPREAD <= target <= 1 - SPREAD:
-            raise ValueError(
-                f"layer_sparsity='owl' spreads sparsities ±{SPREAD} around the target: use a sparsity in [{SPREAD}, {1 - SPREAD}]"
-            )
+        if owl is not None:
+            owl.check_target(target)
     if isinstance(min_kept, bool) or not isinstance(min_kept, int) or min_kept < 0:
         raise ValueError(f"min_kept must be a whole number of weights ≥ 0, got {min_kept!r}")
     if offload not in OFFLOAD:
@@ -225,7 +227,7 @@ def plan_calibrated(
         raise ValueError(
             f"no prunable Linear layer inside the blocks {', '.join(p for p, _ in stacks)}; check include/exclude"
         )
-    if owl:
+    if owl is not None:
         overrides = {}
     else:
         overrides = resolve_layer_sparsity(pruned, layer_sparsity)
