@@ -595,3 +595,13 @@ def test_load_state_dict_failure_keeps_existing_masks():
     assert after.keys() == masks.keys() and all(torch.equal(after[k], masks[k]) for k in masks)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+@pytest.mark.parametrize("owl", ["owl", "OWL()"])
+def test_owl_outside_calibrated_pruning_says_what_it_needs(owl):
+    model = nn.Sequential(nn.Linear(8, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    value = pk.OWL() if owl == "OWL()" else owl
+    with pytest.raises(TypeError, match="calibration activations.*calibration=batches, layer_sparsity='owl'"):
+        pk.Pruner(model, 0.5, layer_sparsity=value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

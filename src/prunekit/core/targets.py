@@ -227,7 +227,14 @@ def resolve_layer_sparsity(targets: list[Target], overrides: Mapping[str, float]
     if not overrides:
         return {}
     if not isinstance(overrides, Mapping):
-        raise TypeError("layer_sparsity takes a dict {name pattern: sparsity}")
+        owl = overrides == "owl" or type(overrides).__name__ == "OWL"
+        hint = (
+            "; OWL's layer sparsities come from calibration activations: use pk.prune(model, sparsity, "
+            "criterion='wanda' or 'sparsegpt', calibration=batches, layer_sparsity='owl')"
+            if owl
+            else ""
+        )
+        raise TypeError(f"layer_sparsity takes a dict {{name pattern: sparsity}}, got {overrides!r}{hint}")
     resolved: dict[str, float] = {}
     for pattern, value in overrides.items():
         if not isinstance(pattern, str):  # reliability (issue 10, defect 13): keys are name patterns
