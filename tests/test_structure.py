@@ -541,3 +541,36 @@ def test_compact_check_catches_a_wrong_compaction(cached, monkeypatch):
     monkeypatch.setattr(compact_module, "sliced_copy", wrong)
     with pytest.raises(pk.CompactionError):
         pk.compact(model, x)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**16), st.sampled_from(["sum", "l2"]))
+def test_nonzero_units_read_off_the_scores_change_no_removed_unit(seed, reduce):
+    # Zero filters (removed already), filters of values whose squares underflow (not removed) and
+    # masked layers: the screen from the scores must agree with reading every weight.
+    from prunekit.structure.units import removed_units, unit_scores
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 1)
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv in (model[0], model[3]):
+            rows = torch.randperm(conv.out_channels, generator=generator)[:3]
+            conv.weight[rows[0]] = 0.0
+            conv.weight[rows[1]] = 1e-30
+            if conv.bias is not None:
+                conv.bias[rows[0]] = 0.0
+    x = torch.randn(1, 3, 8, 8)
+    if seed % 2:
+        pk.prune(model, 0.25, granularity="out_channel", example_inputs=x).remove()  # weights zeroed, masks gone
+    deps = trace_dependencies(model, x, reuse=False)
+    weights = {
+        f"{i}.weight": (lambda i=i: model[i].weight.abs() if reduce == "sum" else model[i].weight) for i in (0, 3, 5)
+    }
+    nonzero = torch.zeros(deps.num_units, dtype=torch.bool)
+    unit_scores(deps, weights, reduce, nonzero)
+    expected = removed_units(deps)
+    assert expected.any()  # the zero filter of model[3] (no norm after it) is removed already
+    assert torch.equal(removed_units(deps, nonzero_units=nonzero), expected)

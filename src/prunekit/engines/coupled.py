@@ -113,7 +113,9 @@ class CoupledEngine:
             element_scores = {name: (lambda t=t: t.scoring_weight()) for name, t in by_name.items()}
         else:
             element_scores = {name: (lambda t=t: self.criterion.score(t)) for name, t in by_name.items()}
-        scores = unit_scores(deps, element_scores, self.criterion.reduce)
+        # Magnitude scores also show which units have a non-zero filter: those need no zero test below.
+        nonzero = torch.zeros(deps.num_units, dtype=torch.bool) if self.criterion.scores_are_weight_magnitudes else None
+        scores = unit_scores(deps, element_scores, self.criterion.reduce, nonzero)
         if torch.isnan(scores).any():
             raise ValueError(f"criterion {self.criterion.name!r} gave NaN scores")
         num_families = len(deps.families)
@@ -123,7 +125,7 @@ class CoupledEngine:
             if scheduled_at is not None:  # an override is the family's final sparsity, ramped by the schedule
                 value = self.schedule.sparsity_at(scheduled_at, value, min(self.schedule.initial, value))
             overrides[index], pooled[index] = value, False
-        already = removed_units(deps)
+        already = removed_units(deps, nonzero_units=nonzero)
         allowed = self.allowed
         limits = (self.min_kept, options.round_to, options.max_layer_sparsity)
 

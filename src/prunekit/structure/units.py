@@ -23,8 +23,14 @@ def unit_scores(
     dependencies: ChannelDependencies,
     element_scores: Mapping[str, Callable[[], torch.Tensor]],
     reduce: str,
+    nonzero_units: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One float64 score per unit; ``element_scores[tensor full name]()`` gives a weight's element scores."""
+    """One float64 score per unit; ``element_scores[tensor full name]()`` gives a weight's element scores.
+
+    ``nonzero_units`` (bool, one entry per unit, all False), when given and the element scores are the
+    weights' magnitudes (or the weights, under ``reduce="l2"``), is set True for every unit some unmasked
+    filter of which has a non-zero score, i.e. a non-zero weight: such a unit is certainly not removed
+    already (see :func:`removed_units`), read off the scores at no extra cost."""
     spare = dependencies.num_units  # a last slot for the indices in no unit (cheaper than masking them out)
     total = torch.zeros(spare + 1, dtype=torch.float64)
     cache: dict[str, torch.Tensor] = {}
@@ -35,10 +41,19 @@ def unit_scores(
         if piece.full_name not in cache:
             cache[piece.full_name] = make().detach()
         scores = cache[piece.full_name]
-        per_index = _per_index(scores, piece.dim, reduce)
-        total.index_add_(0, torch.where(piece.unit >= 0, piece.unit, spare), per_index.cpu())
+        per_index = _per_index(scores, piece.dim, reduce).cpu()
+        units = torch.where(piece.unit >= 0, piece.unit, spare)
+        total.index_add_(0, units, per_index)
+        if nonzero_units is not None and not piece.consumer and not _has_mask(piece):
+            # a sum of magnitudes (or squares) above 0 has a non-zero term; 0 may hide underflow: not used
+            proven = torch.zeros(spare + 1, dtype=torch.bool).index_fill_(0, units[per_index > 0], True)
+            nonzero_units |= proven[:spare]
     total = total[:spare]
     return total.sqrt() if reduce == "l2" else total
+
+
+def _has_mask(piece) -> bool:
+    return mask_store.mask_buffer_name(piece.tensor_name) in piece.module._buffers
 
 
 def _per_index(scores: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
@@ -141,13 +156,17 @@ def unit_keep_factors(dependencies: ChannelDependencies, pruned: torch.Tensor) -
 
 
 def removed_units(
-    dependencies: ChannelDependencies, mask_of: Callable[[nn.Module, str], torch.Tensor | None] | None = None
+    dependencies: ChannelDependencies,
+    mask_of: Callable[[nn.Module, str], torch.Tensor | None] | None = None,
+    nonzero_units: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bool per unit: True when the unit's channels are zero: every parameter slice that makes them
     (filters, biases, norm weights) is pruned, i.e. masked, or all zeros where the parameter has no mask.
     Input columns that read the channels and buffers (running statistics) do not count: they go with it.
     ``mask_of(module, tensor name)`` reads a mask; by default the stored bit-packed masks are read as they
-    are (:func:`prunekit.core.masks.kept_along`), mostly without unpacking them."""
+    are (:func:`prunekit.core.masks.kept_along`), mostly without unpacking them. ``nonzero_units`` (bool
+    per unit, from :func:`unit_scores`) marks units known to have a non-zero filter: the weights of a piece
+    whose units are all known so are not read again."""
     # One spare slot at the end takes the indices in no unit (a where instead of boolean-mask indexing).
     spare = dependencies.num_units
     gone = torch.ones(spare + 1, dtype=torch.bool)
@@ -155,6 +174,12 @@ def removed_units(
     for piece in dependencies.slices:
         if not piece.maskable or piece.consumer:
             continue
+        units = torch.where(piece.unit >= 0, piece.unit, spare)
+        if nonzero_units is not None and not _has_mask(piece):
+            inside = piece.unit[piece.unit >= 0]
+            if bool(nonzero_units.index_select(0, inside).all()):
+                seen.index_fill_(0, units, True)  # alive: gone stays True only where nonzero_units rules it out
+                continue
         values = piece.tensor.detach()
         size = values.shape[piece.dim]
         if mask_of is None:
@@ -173,7 +198,7 @@ def removed_units(
             # bool copy (NaN stays alive, as with != 0).
             lead = math.prod(values.shape[: piece.dim])
             alive = values.reshape(lead, size, -1).abs().amax(dim=(0, 2)).cpu() != 0
-        units = torch.where(piece.unit >= 0, piece.unit, spare)
         gone.scatter_reduce_(0, units, ~alive, reduce="amin")
         seen.index_fill_(0, units, True)
-    return (gone & seen)[:spare]
+    found = (gone & seen)[:spare]
+    return found if nonzero_units is None else found & ~nonzero_units
