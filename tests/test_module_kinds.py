@@ -182,3 +182,43 @@ def test_a_parametrized_module_that_is_not_pruned_is_fine():
 def test_compact_refuses_a_wrapped_model():
     model = nn.DataParallel(make_mlp())
     expect_refusal(model, lambda: pk.compact(model, X), TypeError, r"DataParallel.*model\.module")
+
+
+def test_copy_module_tree_copies_as_deepcopy_does():
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    from prunekit.plans import copy_module_tree
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = self.a  # a shared submodule
+            self.c = nn.Linear(4, 4)
+            self.c.weight = self.a.weight  # a tied parameter
+            self.p = nn.Linear(4, 4)
+            parametrize.register_parametrization(self.p, "weight", Scale())  # copies by its own __deepcopy__
+            self.sizes = [4, 4]  # a mutable attribute
+            self.shape = (4, (4, 2))
+            self.register_buffer("steps", torch.zeros(()))
+
+        def forward(self, x):
+            return self.p(self.c(self.b(x)))
+
+    net = Net()
+    net.a.register_forward_hook(lambda module, args, out: out)  # a hook travels with the copy
+    copied = copy_module_tree(net, {})
+    reference = copy.deepcopy(net)
+    x = torch.randn(2, 4)
+    assert torch.equal(copied(x), reference(x)) and torch.equal(copied(x), net(x))
+    assert copied.b is copied.a and copied.c.weight is copied.a.weight and copied.a is not net.a
+    assert copied.sizes == [4, 4] and copied.sizes is not net.sizes and copied.shape == net.shape
+    assert len(copied.a._forward_hooks) == 1 and copied._forward_hooks is not net._forward_hooks
+    assert copied.steps is not net.steps and parametrize.is_parametrized(copied.p, "weight")
+    assert set(dict(copied.named_parameters())) == set(dict(reference.named_parameters()))

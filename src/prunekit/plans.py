@@ -13,6 +13,7 @@ Integrations that keep plans elsewhere (a Hugging Face config) register hooks wi
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from .core import masks as mask_store
 from .core.layers import handler_for
-from .structure.dependencies import ChannelDependencies
+from .structure.dependencies import ChannelDependencies, Slice
 from .structure.heads import (  # noqa: F401  (attention_head_counts, projection_width: used by hf)
     HEAD_COUNT_ATTRIBUTES,
     HEADS_WIDTH_ATTRIBUTES,
@@ -68,12 +69,27 @@ def record_plan(model: nn.Module, plan: Mapping[str, Any]) -> None:
 
 
 def make_plan(dependencies: ChannelDependencies, pruned_units: torch.Tensor) -> dict[str, Any]:
+    """The plan of removing ``pruned_units`` (bool per unit): ``{"kept": {tensor name: {dim: kept
+    indices}}}`` for every tensor dimension that loses an index."""
     kept: dict[str, dict[str, list[int]]] = {}
-    for piece in dependencies.slices:
-        removed = piece.removed(pruned_units)
-        if bool(removed.any()):
-            indices = torch.nonzero(~removed).reshape(-1).tolist()
-            kept.setdefault(piece.full_name, {})[str(piece.dim)] = indices
+    slices = dependencies.slices
+    if not slices:
+        return {"format": PLAN_FORMAT, "kept": kept}
+    # All slices at once (their unit vectors end to end): one selection instead of one per slice.
+    units = torch.cat([piece.unit for piece in slices])
+    sizes = torch.tensor([piece.unit.numel() for piece in slices])
+    removed = Slice.removed_of(pruned_units, units)
+    owner = torch.repeat_interleave(torch.arange(len(slices)), sizes)
+    kept_counts = torch.zeros(len(slices), dtype=torch.int64).index_add_(0, owner, (~removed).long())
+    # every slice's kept positions, counted from its own start, as one list cut per slice
+    positions = torch.nonzero(~removed).reshape(-1) - torch.repeat_interleave(
+        torch.cumsum(sizes, 0) - sizes, kept_counts
+    )
+    positions = positions.tolist()
+    ends = torch.cumsum(kept_counts, 0).tolist()
+    for piece, end, count, size in zip(slices, ends, kept_counts.tolist(), sizes.tolist()):
+        if count < size:
+            kept.setdefault(piece.full_name, {})[str(piece.dim)] = positions[end - count : end]
     return {"format": PLAN_FORMAT, "kept": kept}
 
 
@@ -197,7 +213,7 @@ def sliced_copy(
         )
         if packed is not None:
             memo[id(packed)] = packed  # not copied: the copy's mask of a sliced tensor is dropped below
-    small = copy.deepcopy(model, memo)
+    small = copy_module_tree(model, memo)
     copies = dict(small.named_modules(remove_duplicate=False))
     sliced = {(names[id(module)], tensor_name) for module, tensor_name, _ in work}
     for name, tensor_name in sliced:
@@ -210,6 +226,52 @@ def sliced_copy(
                 mask_store.remove_mask(module, param_name)
     _update_shapes(small, [copies[name] for name, _ in sliced])
     return small
+
+
+def _copied_tensor(tensor: torch.Tensor | None, memo: dict[int, Any]) -> torch.Tensor | None:
+    if tensor is None:
+        return None
+    found = memo.get(id(tensor))
+    return copy.deepcopy(tensor, memo) if found is None else found
+
+
+_COPY_HOOKS = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__", "__copy__")
+_ATOMIC = (int, float, bool, str, bytes, type(None), torch.dtype)
+_EMPTY_COPIES = (dict, OrderedDict, set, list)
+
+
+def copy_module_tree(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, faster for trees of plain modules: a module whose class copies
+    as ``nn.Module`` does (no copy hooks of its own) gets a new instance whose ``__dict__`` holds its
+    submodules copied the same way, its tensors from ``memo`` (or deep-copied), immutable values as
+    they are and everything else deep-copied with the same memo; any other object goes to
+    ``copy.deepcopy``. Shared submodules and tensors stay shared, as with ``deepcopy``."""
+    found = memo.get(id(module))
+    if found is not None:
+        return found
+    cls = type(module)
+    if any(getattr(cls, name, None) is not getattr(nn.Module, name, None) for name in _COPY_HOOKS) or any(
+        "__slots__" in vars(base) for base in cls.__mro__
+    ):
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = {}
+    for key, value in module.__dict__.items():
+        if key == "_modules":
+            state[key] = type(value)(
+                (name, None if child is None else copy_module_tree(child, memo)) for name, child in value.items()
+            )
+        elif key in ("_parameters", "_buffers"):
+            state[key] = type(value)((name, _copied_tensor(tensor, memo)) for name, tensor in value.items())
+        elif isinstance(value, _ATOMIC) or (type(value) is tuple and all(isinstance(v, _ATOMIC) for v in value)):
+            state[key] = value
+        elif type(value) in _EMPTY_COPIES and not value:  # the hook dictionaries, mostly
+            state[key] = type(value)()
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__dict__.update(state)
+    return new
 
 
 def _dense_like(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

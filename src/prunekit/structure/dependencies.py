@@ -70,10 +70,15 @@ class Slice:
 
     def removed(self, pruned_units: torch.Tensor) -> torch.Tensor:
         """Bool per index of this dimension: True where the index belongs to a pruned unit."""
+        return Slice.removed_of(pruned_units, self.unit)
+
+    @staticmethod
+    def removed_of(pruned_units: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+        """Bool per entry of ``unit`` (unit indices, −1 for none): True where that unit is pruned."""
         if not pruned_units.numel():
-            return torch.zeros(self.unit.shape, dtype=torch.bool)
+            return torch.zeros(unit.shape, dtype=torch.bool)
         # index_select and a mask rather than boolean-mask indexing, which costs several times more.
-        return pruned_units.index_select(0, self.unit.clamp(min=0)) & (self.unit >= 0)
+        return pruned_units.index_select(0, unit.clamp(min=0)) & (unit >= 0)
 
 
 class ChannelDependencies:
