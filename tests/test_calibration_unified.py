@@ -83,7 +83,10 @@ PINNED = {
 def test_sequential_masks_are_those_computed_before_the_collectors_were_merged(criterion, sparsity):
     model = net()
     shape = dict(sparsity=sparsity) if sparsity else dict(granularity=pk.NM(2, 4))
-    pk.prune(model, criterion=criterion, calibration=padded_batches(), blocks="layers", progress=False, **shape)
+    pk.prune(
+        model, criterion=criterion, calibration=padded_batches(), blocks="layers", progress=False, sequential=True,
+        **shape,
+    )  # fmt: skip
     found = [
         getattr(model.layers[b], name)._buffers["_pk_mask_weight"].numpy().tobytes().hex()
         for b in range(2)
@@ -184,6 +187,9 @@ def test_one_pass_wanda_equals_wanda_on_the_dense_models_statistics():
     for t in targets:
         expected = wanda_keep(t.param, stats[t.full_name]["input_sq_norm"], 0.5)
         assert torch.equal(model.get_submodule(t.name).weight != 0, expected), t.name
+    default = copy.deepcopy(dense)  # one pass is Wanda's default
+    pk.prune(default, 0.5, criterion="wanda", calibration=batches, blocks="layers", progress=False)
+    assert all(torch.equal(default.get_submodule(t.name).weight, model.get_submodule(t.name).weight) for t in targets)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ CRITERIA = ("wanda", "sparsegpt", "magnitude")
 DATA_AWARE = ("wanda", "sparsegpt")
 OFFLOAD = ("auto", True, False)
 #: ``sequential`` when it is not given, per criterion (see :func:`prunekit.oneshot.prune_with_calibration`).
-SEQUENTIAL_DEFAULT = {"wanda": True, "sparsegpt": True, "magnitude": True}
+SEQUENTIAL_DEFAULT = {"wanda": False, "sparsegpt": True, "magnitude": True}
 #: Options of pk.prune that calibrated pruning cannot honour, with the value that means "not used".
 _UNUSED_OPTIONS = {
     "scope": "local",
