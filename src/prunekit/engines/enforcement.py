@@ -56,7 +56,8 @@ class MaskEnforcer:
         self.mask_gradients_before_step = bool(mask_gradients)
         self._keep_cache: dict[str, torch.Tensor] = {}
         self._enforced: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-        #: ids of the parameters behind ``_enforced`` (a sharded one is enforced through its local view).
+        #: The parameters behind ``_enforced`` (a sharded one is enforced through its local view), and their ids.
+        self._enforced_params: list[torch.Tensor] = []
         self._enforced_ids: set[int] = set()
         self._optimizers: dict[int, tuple[torch.optim.Optimizer, list[Any]]] = {}
         #: True once an attached optimizer has stepped since the last :meth:`after_training_step`.
@@ -85,15 +86,16 @@ class MaskEnforcer:
 
     def _enforced_masks(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self._enforced is None:
-            params, byte_masks, ids = [], [], set()
+            params, byte_masks, whole = [], [], []
             for module, param_name, full_name in self.maskable:
                 keep = self.keep(module, param_name, full_name)
                 if keep is not None:
                     param = getattr(module, param_name)
-                    ids.add(id(param))
+                    whole.append(param)
                     params.append(local_tensor(param))
                     byte_masks.append(keep.view(torch.uint8))
-            self._enforced, self._enforced_ids = (params, byte_masks), ids
+            self._enforced, self._enforced_params = (params, byte_masks), whole
+            self._enforced_ids = {id(param) for param in whole}
             self._covered = None
         return self._enforced
 
@@ -109,8 +111,7 @@ class MaskEnforcer:
     @torch.no_grad()
     def mask_gradients(self) -> None:
         byte_masks = self._enforced_masks()[1]
-        params = [getattr(m, p) for m, p, f in self.maskable if self.keep(m, p, f) is not None]
-        for param, byte_mask in zip(params, byte_masks):
+        for param, byte_mask in zip(self._enforced_params, byte_masks):  # the parameters, not their shards
             if param.grad is not None:
                 local_tensor(param.grad).mul_(byte_mask)
 
