@@ -211,15 +211,10 @@ class NM(Granularity):
         prune_per_group = min(int(math.floor(sparsity * self.m + 1e-9)), self.m - self.n)
         return self.group_keep(scores_oik, prune_per_group)
 
-    # A unit is one weight (chosen within its group): unit sparsity equals weight sparsity.
-    def num_units(self, oik_shape):
-        return math.prod(oik_shape)
-
-    def unit_scores(self, scores, reduce):
-        return scores.reshape(-1)
-
-    def expand(self, keep_units, oik_shape):
-        return keep_units.reshape(oik_shape)
+    # A unit is one weight (chosen within its group), as for Weight: unit sparsity equals weight sparsity.
+    num_units = Weight.num_units
+    unit_scores = Weight.unit_scores
+    expand = Weight.expand
 
     def validate(self, target):
         in_dim = target.oik_shape[1]
