@@ -73,14 +73,6 @@ def compact(
     checks.check_flags(prune_outputs=prune_outputs, inplace=inplace, check=check)
     tolerance = checks.check_tolerance(tolerance)
     dependencies, traced = trace_with_output(model, example_inputs, exclude, prune_outputs, inherit_options=True)
-    masks: dict[tuple[int, str], torch.Tensor | None] = {}
-
-    def mask_of(module: nn.Module, name: str) -> torch.Tensor | None:  # each mask unpacked once
-        key = (id(module), name)
-        if key not in masks:
-            masks[key] = mask_store.get_mask(module, name)
-        return masks[key]
-
     pruned_units = removed_units(dependencies)
     plan = make_plan(dependencies, pruned_units)
     if not plan["kept"]:
@@ -105,7 +97,7 @@ def compact(
                         mask_store.remove_mask(module, param_name)
         apply_plan(small, plan)
     else:
-        small = sliced_copy(model, plan, mask_of)
+        small = sliced_copy(model, plan)
     small.prunekit_plan = compose_plans(earlier, plan)
     record_plan(small, small.prunekit_plan)
     if check:

@@ -13,7 +13,6 @@ import math
 from collections.abc import Callable, Mapping
 
 import torch
-from torch import nn
 
 from ..core import masks as mask_store
 from .dependencies import ChannelDependencies
@@ -141,7 +140,7 @@ def _round_kept(pruned, scores, family, sizes, round_to, already) -> torch.Tenso
 def unit_keep_factors(dependencies: ChannelDependencies, pruned: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
     """``{parameter full name: {dim: bool keep vector of that dimension}}`` for every parameter a pruned
     unit touches: its keep mask is the AND of these vectors broadcast along their dimensions (see
-    :func:`prunekit.core.masks.pack_separable`)."""
+    :class:`prunekit.core.masks.SeparableMask`)."""
     factors: dict[str, dict[int, torch.Tensor]] = {}
     for piece in dependencies.slices:
         if not piece.maskable:
@@ -155,16 +154,12 @@ def unit_keep_factors(dependencies: ChannelDependencies, pruned: torch.Tensor) -
     return factors
 
 
-def removed_units(
-    dependencies: ChannelDependencies,
-    mask_of: Callable[[nn.Module, str], torch.Tensor | None] | None = None,
-    nonzero_units: torch.Tensor | None = None,
-) -> torch.Tensor:
+def removed_units(dependencies: ChannelDependencies, nonzero_units: torch.Tensor | None = None) -> torch.Tensor:
     """Bool per unit: True when the unit's channels are zero: every parameter slice that makes them
     (filters, biases, norm weights) is pruned, i.e. masked, or all zeros where the parameter has no mask.
     Input columns that read the channels and buffers (running statistics) do not count: they go with it.
-    ``mask_of(module, tensor name)`` reads a mask; by default the stored bit-packed masks are read as they
-    are (:func:`prunekit.core.masks.kept_along`), mostly without unpacking them. ``nonzero_units`` (bool
+    The stored bit-packed masks are read as they are (:func:`prunekit.core.masks.kept_along`), mostly
+    without unpacking them. ``nonzero_units`` (bool
     per unit, from :func:`unit_scores`) marks units known to have a non-zero filter: the weights of a piece
     whose units are all known so are not read again."""
     # One spare slot at the end takes the indices in no unit (a where instead of boolean-mask indexing).
@@ -182,17 +177,11 @@ def removed_units(
                 continue
         values = piece.tensor.detach()
         size = values.shape[piece.dim]
-        if mask_of is None:
-            packed = piece.module._buffers.get(mask_store.mask_buffer_name(piece.tensor_name))
-            keep = None
-        else:
-            packed, keep = None, mask_of(piece.module, piece.tensor_name)
+        packed = piece.module._buffers.get(mask_store.mask_buffer_name(piece.tensor_name))
         if values.device.type == "meta":
             alive = torch.ones(size, dtype=torch.bool)
         elif packed is not None:
             alive = mask_store.kept_along(packed, values.shape, piece.dim).cpu()
-        elif keep is not None:
-            alive = keep.cpu().movedim(piece.dim, 0).reshape(size, -1).any(dim=1)
         else:
             # The largest |value| of each index, compared with 0: several times faster than any() over a
             # bool copy (NaN stays alive, as with != 0).
