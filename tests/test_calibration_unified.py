@@ -223,8 +223,8 @@ def test_the_structured_refit_copies_only_the_changed_tensors(monkeypatch):
     copied = []
     original = structured.TensorSnapshot
 
-    def recording(modules):
-        snapshot = original(modules)
+    def recording(modules, memory_bytes):
+        snapshot = original(modules, memory_bytes)
         copied.append({id(module) for module, _ in snapshot.tensors})
         return snapshot
 

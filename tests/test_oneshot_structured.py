@@ -14,6 +14,7 @@ import prunekit as pk
 from prunekit.core.targets import Target
 from prunekit.oneshot import prune_structured_with_calibration as prune_calibrated
 from prunekit.oneshot import reconstruct as reconstruct_module
+from prunekit.oneshot import snapshot as snapshot_module
 from prunekit.oneshot.activations import CalibrationError
 from prunekit.oneshot.structured import Fluctuation, WandaGroups, collect_statistics
 
@@ -320,17 +321,31 @@ def test_refused_calls_leave_the_model_unchanged(case):
         assert isinstance(error.value, CalibrationError) and "RuntimeError" in str(error.value)
 
 
+def _recording(put, stores):
+    def recorded(store, tensor, copy=False):
+        stores.append(store)
+        return put(store, tensor, copy)
+
+    return recorded
+
+
 def test_refit_without_the_dense_output_cache_gives_the_same_weights(monkeypatch):
     model, batches = bert(), bert_batches()
     uncached = copy.deepcopy(model)
     prune_calibrated(model, 0.3, calibration=batches, example_inputs=batches[0], reconstruct=True)
-    monkeypatch.setattr(reconstruct_module, "CACHE_BYTES", 0)
+    monkeypatch.setattr(reconstruct_module, "CACHE_BYTES", 0)  # the dense copy goes to disk too
+    spilled = []
+    monkeypatch.setattr(snapshot_module.SpillStore, "put", _recording(snapshot_module.SpillStore.put, spilled))
     prune_calibrated(uncached, 0.3, calibration=batches, example_inputs=batches[0], reconstruct=True)
+    assert spilled and all(store.in_memory == 0 for store in spilled)
     for (name, a), b in zip(model.state_dict().items(), uncached.state_dict().values()):
         assert torch.equal(a, b), name
 
 
-def test_a_failure_during_the_refit_restores_the_model(monkeypatch):
+@pytest.mark.parametrize("memory_bytes", [None, 0])  # 0: the dense copy and outputs all go to disk
+def test_a_failure_during_the_refit_restores_the_model(monkeypatch, memory_bytes):
+    if memory_bytes is not None:
+        monkeypatch.setattr(reconstruct_module, "CACHE_BYTES", memory_bytes)
     model = resnet18()
     before = snapshot(model)
     batches = [torch.randn(2, 3, 32, 32)]

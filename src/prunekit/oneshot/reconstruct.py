@@ -21,10 +21,11 @@ input columns. Two corrections are offered:
   compensated exactly whatever the damping. Layers are refit one at a time in the order the model
   first calls them, each from a fresh pass of the pruned model over the calibration batches (stopped
   as soon as that layer has run); the dense outputs Y come from one pass of the model with its dense
-  values put back from the copy of the changed tensors (:mod:`.snapshot`), kept in memory up to
-  :data:`CACHE_BYTES` and in temporary files beyond. Extra memory: the copy of the tensors pruning
-  changes (the pruned layers and what is sliced with them, not the whole model), Y, and one layer's
-  XᵀX at a time. Padding tokens (a batch's 2-D ``attention_mask``) are left out of X and Y.
+  values put back from the copy of the changed tensors (:mod:`.snapshot`). That copy and Y are each
+  kept in memory up to :data:`CACHE_BYTES` and in temporary files beyond (:mod:`.spill`). Extra
+  memory: at most 2 × :data:`CACHE_BYTES` for the copy of the tensors pruning changes (the pruned
+  layers and what is sliced with them, not the whole model) and Y, plus one layer's XᵀX at a time.
+  Padding tokens (a batch's 2-D ``attention_mask``) are left out of X and Y.
 
 Where the bias shift goes: into the layer's bias; a layer without one whose every output goes
 straight into a BatchNorm shifts that norm's running mean instead (μ' = μ − d, exact in eval mode);
@@ -38,8 +39,6 @@ padding. Other consumers keep their masked weights and a warning names them.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +52,7 @@ from ..core.targets import Target, is_hf_conv1d
 from ..engines.calibration import StopForward, input_rows, run_batch
 from .activations import CalibrationRecord, eval_mode
 from .snapshot import TensorSnapshot
+from .spill import SpillStore
 
 MODES = (False, True, "least_squares", "bias")
 
@@ -352,8 +352,9 @@ def _refit(
     return report
 
 
-#: Most bytes of dense-model outputs kept in memory for the whole refit; the rest is written to a
-#: temporary directory and read back layer by layer (the same values, no second model).
+#: Most bytes of dense-model outputs, and separately of the dense copy of the changed tensors, kept in
+#: memory for the whole call; the rest is written to a temporary directory and read back when needed
+#: (the same values, no second model in memory).
 CACHE_BYTES = 2 << 30
 
 
@@ -363,30 +364,16 @@ class OutputStore:
 
     def __init__(self, consumers: list[Consumer], batches: int):
         self.found = {layer.name: [[] for _ in range(batches)] for layer in consumers}
-        self.size = 0
-        self.directory: tempfile.TemporaryDirectory | None = None
+        self.store = SpillStore(CACHE_BYTES)
 
     def add(self, name: str, index: int, matrix: torch.Tensor) -> None:
-        self.size += matrix.numel() * matrix.element_size()
-        if self.size <= CACHE_BYTES:
-            self.found[name][index].append(matrix)
-            return
-        if self.directory is None:
-            self.directory = tempfile.TemporaryDirectory(prefix="prunekit-refit-")
-        path = os.path.join(self.directory.name, f"{len(os.listdir(self.directory.name))}.pt")
-        torch.save(matrix.cpu(), path)
-        self.found[name][index].append((path, matrix.device))
+        self.found[name][index].append(self.store.put(matrix))
 
     def get(self, name: str, index: int) -> list[torch.Tensor]:
-        return [
-            item if isinstance(item, torch.Tensor) else torch.load(item[0]).to(item[1])
-            for item in self.found[name][index]
-        ]
+        return [self.store.get(handle) for handle in self.found[name][index]]
 
     def close(self) -> None:
-        if self.directory is not None:
-            self.directory.cleanup()
-            self.directory = None
+        self.store.close()
 
 
 def dense_outputs(

@@ -34,6 +34,7 @@ from ..core.targets import LayerSelector, Target
 from ..methods.criteria import Criterion, L2Magnitude, Magnitude, Random
 from ..methods.granularity import OutChannel, get_granularity
 from ..pruner import Pruner
+from . import reconstruct as reconstruction
 from .activations import CalibrationRecord, as_batches, collect_statistics
 from .reconstruct import (
     MODES,
@@ -192,7 +193,7 @@ def prune_structured_with_calibration(
         scorer.record = record
     kept_before = {t.full_name: kept_inputs(t) for t in pruner.targets}
     # Not a dense model: a copy of only the tensors pruning and reconstruction may change.
-    dense = TensorSnapshot(_touched_modules(pruner, record)) if mode else None
+    dense = TensorSnapshot(_touched_modules(pruner, record), reconstruction.CACHE_BYTES) if mode else None
     pruner.prune()  # validates the masks before it changes anything
     pruner.reconstruction: list[RefitReport] = []
     if not mode:
@@ -207,6 +208,8 @@ def prune_structured_with_calibration(
     except BaseException:
         dense.restore(added)
         raise
+    finally:
+        dense.close()
     warn_skipped(skipped, [r.layer for r in reports if r.bias_into == "none"])
     pruner.reconstruction = reports
     return pruner
