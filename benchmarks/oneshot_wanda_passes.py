@@ -48,6 +48,29 @@ def wanda(model, calibration, sequential: bool, **setting):
     return pk.prune(model, criterion="wanda", calibration=calibration, progress=False, sequential=sequential, **setting)
 
 
+def plot(quality: dict, median: dict, path) -> None:
+    """Cosine per setting, sequential beside one pass; and the time of each run over the forward passes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    settings = list(SETTINGS)
+    for offset, mode in zip((-0.2, 0.2), MODES):
+        left.bar([i + offset for i in range(len(settings))], [quality[(s, mode)] for s in settings], 0.4, label=mode)
+    left.set_xticks(range(len(settings)), settings)
+    left.set_ylabel("embedding cosine to dense")
+    left.legend(fontsize=8)
+    forward = median["calibration forward passes alone"]
+    right.barh(list(median), [value / forward for value in median.values()])
+    right.set_xlabel("× the calibration forward passes (50%)")
+    fig.suptitle("Wanda on all-MiniLM-L6-v2: sequential vs one pass per block")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     started = time.perf_counter()
@@ -83,11 +106,12 @@ def main() -> None:
     lines = [
         "# Wanda on all-MiniLM-L6-v2: sequential vs one pass per block (benchmarks/oneshot_wanda_passes.py)",
         "",
-        f"{today()}; {machine()}; shared with other work (other helpers ran tests and benchmarks on the same "
-        f"2 cores), timings are medians of {ROUNDS} interleaved rounds.",
+        f"{today()}; {machine()}; timings are medians of {ROUNDS} interleaved rounds.",
         f"Libraries: {versions()}. Model: {path}.",
         f"Calibration and evaluation as in oneshot_minilm.md: {len(calib_texts)} docstrings of stdlib_files"
         f"{CALIBRATION_FILES} in batches of {BATCH}, {len(eval_texts)} held-out docstrings of stdlib_files{EVAL_FILES}.",
+        "",
+        "![quality and time](oneshot_wanda_passes.png)",
         "",
         "| sparsity | " + " | ".join(MODES) + " | one pass − sequential |",
         "|---|---|---|---|",
@@ -105,7 +129,8 @@ def main() -> None:
         "",
     ]
     text = "\n".join(lines)
-    write_result("oneshot_wanda_passes", text)
+    written = write_result("oneshot_wanda_passes", text)
+    plot(quality, median, written.with_suffix(".png"))
     print(text)
 
 
