@@ -64,6 +64,31 @@ def block_sparsities(report) -> str:
     return " ".join(f"{per_block[i]:.3f}" for i in sorted(per_block))
 
 
+def plot(results: dict, path) -> None:
+    """Cosine against λ, one line per M, beside uniform; one panel per criterion."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CRITERIA), figsize=(9, 3.6), sharey=True)
+    for ax, criterion in zip(axes, CRITERIA):
+        for m in MULTIPLIERS:
+            ax.plot(
+                SPREADS, [results[(f"OWL M={m:g}, λ={s:g}", criterion)][0] for s in SPREADS], "o-", label=f"OWL M={m:g}"
+            )
+        ax.axhline(results[("uniform", criterion)][0], color="black", linestyle="--", label="uniform")
+        ax.set_title(f"{criterion}, 70%")
+        ax.set_xlabel("λ (spread of block sparsities)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("embedding cosine to dense")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("OWL on all-MiniLM-L6-v2 (higher is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paper-only", action="store_true", help="only uniform and layer_sparsity='owl'")
@@ -90,12 +115,15 @@ def main() -> None:
     lines = [
         "# OWL on all-MiniLM-L6-v2 at 70% (benchmarks/oneshot_owl_minilm.py)",
         "",
-        f"{today()}; {machine()}; shared with other work (only quality is reported, no timing).",
+        f"{today()}; {machine()} (only quality is reported, no timing).",
         f"Libraries: {versions()}. Model: {path}.",
         f"Protocol of oneshot_minilm.py: calibration = the first {CALIBRATION_TEXTS} docstrings of stdlib_files"
         f"{CALIBRATION_FILES}, batches of {BATCH}; evaluation = the first {EVAL_TEXTS} docstrings of stdlib_files"
         f"{EVAL_FILES}; metric = mean cosine of pruned to dense sentence embeddings. The 36 Linear layers of the "
-        "6 encoder blocks are pruned; OWL gives each block one sparsity (total exact).",
+        "6 encoder blocks are pruned; OWL gives each block one sparsity (total exact); Wanda with its default "
+        "(one calibration pass per block).",
+        "",
+        "![OWL against uniform](oneshot_owl_minilm.png)",
         "",
         "| layer sparsities | wanda | sparsegpt | block sparsities chosen (wanda; blocks 0–5) |",
         "|---|---|---|---|",
@@ -114,7 +142,8 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     if not args.paper_only:
-        write_result("oneshot_owl_minilm", text)
+        written = write_result("oneshot_owl_minilm", text)
+        plot(results, written.with_suffix(".png"))
     print(text)
 
 
