@@ -71,6 +71,28 @@ def bound_bytes(model, config) -> dict[str, int]:
     }
 
 
+def plot(model_bytes: int, extra: int, bound: dict, masks: int, path) -> None:
+    """The model's size, the measured extra peak and the itemised bound, as bars (GiB)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.barh(["model (bf16)"], [model_bytes / GIB], color="grey")
+    ax.barh(["extra peak of pk.prune"], [extra / GIB], color="tab:blue")
+    left = 0.0
+    for name, value in [*bound.items(), ("bit-packed masks", masks)]:
+        ax.barh(["bound (itemised)"], [value / GIB], left=left, label=name)
+        left += value / GIB
+    ax.set_xlabel("GiB")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("Calibrated SparseGPT: extra peak memory beside the model and the bound")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=22)
@@ -94,12 +116,14 @@ def main() -> None:
     lines = [
         "# Extra peak memory of calibrated SparseGPT on a ~1 B LLaMA-shaped model (benchmarks/oneshot_memory.py)",
         "",
-        f"{today()}; {machine()}; shared with other work. Libraries: {libs}.",
+        f"{today()}; {machine()}. Libraries: {libs}.",
         f"Model: LlamaForCausalLM, random weights in bfloat16, {args.layers} blocks of TinyLlama-1.1B's shape "
         f"(hidden 2048, MLP 5632, 32 heads / 4 KV heads, vocab 32000): {params / 1e9:.3f} B parameters, "
         f"{model_bytes / GIB:.2f} GiB.",
         f"Calibration: {SEQUENCES} sequences of {LENGTH} random token ids (seed 0), batches of {BATCH}. "
         f"SparseGPT 50% unstructured over all {7 * args.layers} Linear layers of the blocks took {seconds:.0f} s.",
+        "",
+        f"![memory](oneshot_memory_{args.layers}layers.png)",
         "",
         "| | GiB |",
         "|---|---|",
@@ -117,7 +141,8 @@ def main() -> None:
         "",
     ]
     text = "\n".join(lines)
-    write_result(f"oneshot_memory_{args.layers}layers", text)
+    written = write_result(f"oneshot_memory_{args.layers}layers", text)
+    plot(model_bytes, peak.extra, bound, masks, written.with_suffix(".png"))
     print(text)
 
 
