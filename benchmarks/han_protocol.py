@@ -126,6 +126,8 @@ def report(rows: list[dict], command: str) -> str:
         "(pruned − dense of the same seed), percentage points, ± the sample std over seeds; one evaluation image "
         "is 0.05 points.",
         "",
+        f"![change vs dense per variant]({STUDY}.png)",
+        "",
         "| retraining (4 rounds × 10 epochs after dense SGD 30 epochs) | "
         + " | ".join(f"{c:g}×: accuracy (%) | {c:g}×: change (points)" for c in compressions)
         + " |",
@@ -143,6 +145,47 @@ def report(rows: list[dict], command: str) -> str:
             ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def changes(rows: list[dict], name: str, compression: float) -> list[float]:
+    """Pruned − dense accuracy of the same seed, in percentage points, for one variant and compression."""
+    dense = {r["seed"]: r["accuracy"] for r in rows if r["variant"] == "dense"}
+    return [
+        100 * (r["accuracy"] - dense[r["seed"]])
+        for r in rows
+        if r["variant"] == name and r.get("compression") == compression
+    ]
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Mean change vs dense (± the std over seeds) per retraining variant, one bar per compression."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [COMMITTED, *VARIANTS]
+    compressions = sorted({r["compression"] for r in rows if "compression" in r})
+    fig, ax = plt.subplots(figsize=(12, 4.8))
+    height = 0.8 / len(compressions)
+    for k, c in enumerate(compressions):
+        found = [changes(rows, name, c) for name in names]
+        ax.barh(
+            [i + k * height for i in range(len(names))],
+            [statistics.fmean(v) for v in found],
+            height,
+            xerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in found],
+            label=f"{c:g}×",
+        )
+    ax.set_yticks([i + height * (len(compressions) - 1) / 2 for i in range(len(names))], names, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("change vs dense accuracy (points; mean ± std over seeds)")
+    ax.legend()
+    ax.set_title("Han et al. on LeNet-300-100: one retraining detail changed at a time", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -171,6 +214,7 @@ def main() -> None:
     old = path.read_text() if path.is_file() else ""
     reading = old[old.index(READING) :] if READING in old else ""
     path.write_text(text + ("\n" + reading if reading else ""))
+    plot(rows, path.with_suffix(".png"))
     print(text)
 
 
