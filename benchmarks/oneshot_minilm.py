@@ -162,6 +162,12 @@ def timings(model, calibration, rounds: int = 3) -> dict[str, float]:
         ),
         "calibration forward": lambda m: [m(**b) for b in calibration],
     }
+    return {name: statistics.median(values) for name, values in interleaved_times(model, runs, rounds).items()}
+
+
+def interleaved_times(model, runs: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of every ``runs[name](copy of model)`` (no gradients), each once per round in turn, on a
+    fresh copy each time (copied untimed)."""
     times = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
@@ -170,7 +176,7 @@ def timings(model, calibration, rounds: int = 3) -> dict[str, float]:
             with torch.no_grad():
                 run(fresh)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def cosine(model, data, dense) -> float:

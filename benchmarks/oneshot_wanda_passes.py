@@ -33,6 +33,7 @@ from oneshot_minilm import (  # noqa: E402
     batches,
     cosine,
     embed,
+    interleaved_times,
     load,
     versions,
 )
@@ -92,14 +93,7 @@ def main() -> None:
         "Wanda, sequential": lambda m: wanda(m, calibration, True, sparsity=0.5),
         "Wanda, one pass": lambda m: wanda(m, calibration, False, sparsity=0.5),
     }
-    times = {name: [] for name in runs}
-    for _ in range(ROUNDS):
-        for name, run in runs.items():
-            fresh = copy.deepcopy(dense_model)
-            start = time.perf_counter()
-            with torch.no_grad():
-                run(fresh)
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times(dense_model, runs, ROUNDS)
     median = {name: statistics.median(values) for name, values in times.items()}
     print(times, flush=True)
     forward = median["calibration forward passes alone"]
