@@ -168,7 +168,8 @@ def _plan_work(model: nn.Module, plan: Mapping[str, Any]) -> list[tuple[nn.Modul
 def _sliced(tensor: torch.Tensor, dims: Mapping[str, list[int]]) -> torch.Tensor:
     """A new dense tensor of the indices a plan keeps along each dimension, in ``tensor``'s memory format."""
     new = tensor.detach()
-    for dim, indices in dims.items():
+    # Rows first: selecting whole rows copies contiguous runs and leaves less to gather across columns.
+    for dim, indices in sorted(dims.items(), key=lambda item: int(item[0])):
         if new.device.type == "meta":
             new = _meta_select(new, int(dim), len(indices))
         else:
@@ -232,20 +233,42 @@ def _copied_tensor(tensor: torch.Tensor | None, memo: dict[int, Any]) -> torch.T
     if tensor is None:
         return None
     found = memo.get(id(tensor))
-    return copy.deepcopy(tensor, memo) if found is None else found
+    if found is not None:
+        return found
+    if _is_plain_whole_tensor(tensor):  # a buffer such as num_batches_tracked: a clone is its deep copy
+        memo[id(tensor)] = found = tensor.detach().clone()
+        return found
+    return copy.deepcopy(tensor, memo)
 
 
-_COPY_HOOKS = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__", "__copy__")
+def _is_plain_whole_tensor(tensor: torch.Tensor) -> bool:
+    """A plain dense CPU/GPU tensor, not a view, holding its whole storage, with no grad and no Python
+    attributes: ``clone()`` copies everything ``deepcopy`` would."""
+    return (
+        type(tensor) is torch.Tensor
+        and tensor.layout == torch.strided
+        and tensor.device.type in ("cpu", "cuda")
+        and not tensor.requires_grad
+        and tensor._base is None
+        and not tensor.__dict__
+        and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        and tensor.is_contiguous()
+    )
+
+
+# A class with one of these copies in its own way: deepcopy it. A class's own ``__setstate__`` (such
+# as ``_ConvNd``'s, which fills in ``padding_mode`` for old pickles) is called, as deepcopy calls it.
+_COPY_HOOKS = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__", "__copy__")
 _ATOMIC = (int, float, bool, str, bytes, type(None), torch.dtype)
 _EMPTY_COPIES = (dict, OrderedDict, set, list)
 
 
 def copy_module_tree(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     """``copy.deepcopy(module, memo)``, faster for trees of plain modules: a module whose class copies
-    as ``nn.Module`` does (no copy hooks of its own) gets a new instance whose ``__dict__`` holds its
-    submodules copied the same way, its tensors from ``memo`` (or deep-copied), immutable values as
-    they are and everything else deep-copied with the same memo; any other object goes to
-    ``copy.deepcopy``. Shared submodules and tensors stay shared, as with ``deepcopy``."""
+    as ``nn.Module`` does (no copy hooks of its own other than ``__setstate__``, which is called as
+    deepcopy calls it) gets a new instance whose state holds its submodules copied the same way, its
+    tensors from ``memo`` (or cloned, or deep-copied), immutable values as they are and everything else
+    deep-copied with the same memo; any other object goes to ``copy.deepcopy``. Shared submodules and tensors stay shared, as with ``deepcopy``."""
     found = memo.get(id(module))
     if found is not None:
         return found
@@ -268,9 +291,14 @@ def copy_module_tree(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             state[key] = value
         elif type(value) in _EMPTY_COPIES and not value:  # the hook dictionaries, mostly
             state[key] = type(value)()
+        elif type(value) is set and all(type(v) is str for v in value):  # _non_persistent_buffers_set
+            state[key] = set(value)
         else:
             state[key] = copy.deepcopy(value, memo)
-    new.__dict__.update(state)
+    if cls.__setstate__ is nn.Module.__setstate__:
+        new.__dict__.update(state)
+    else:
+        new.__setstate__(state)
     return new
 
 

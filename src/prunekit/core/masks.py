@@ -148,10 +148,12 @@ class SeparableMask:
             return
         rows, pattern = self._rows_and_pattern()
         grid = tensor.view(math.prod(self.shape[: self.split]), -1)
+        # Products by uint8 vectors (no type promotion), one per side: a broadcast product streams
+        # through memory where index_fill_ over the removed rows jumps, and is the faster of the two.
         if pattern is not None:
-            grid.mul_(pattern.to(torch.uint8))  # uint8: no type promotion
+            grid.mul_(pattern.to(torch.uint8))
         if rows is not None:
-            grid.index_fill_(0, torch.nonzero(~rows).reshape(-1), 0)
+            grid.mul_(rows.to(torch.uint8).reshape(-1, 1))
 
 
 def kept_along(packed: torch.Tensor, shape: torch.Size | tuple[int, ...], dim: int) -> torch.Tensor:
@@ -234,12 +236,11 @@ def _fits(buffer: torch.Tensor | None, flat: torch.Tensor) -> bool:
 def zero_pruned(tensor: torch.Tensor, keep: torch.Tensor) -> None:
     """Set ``tensor`` to zero where ``keep`` is False, in place.
 
-    Multiplies by the mask's bytes read as ``uint8`` (0 or 1; a view, no copy). Measured on CPU
-    (torch 2.14, ResNet-50's 25.5M weights, one thread): 5.8 ms, about 1.3× one |w| pass, where
-    ``torch.where(keep, tensor, 0, out=tensor)`` and ``masked_fill_`` take 29–32 ms and ``mul_`` by
-    the bool mask itself 13 ms (its type promotion is slower). A NaN or inf at a pruned entry would
-    stay NaN under a product; that only happens once training has diverged, and pruning itself
-    refuses non-finite weights.
+    Multiplies by the mask's bytes read as ``uint8`` (0 or 1; a view, no copy): one streaming pass,
+    several times faster on CPU than ``torch.where(keep, tensor, 0, out=tensor)`` or ``masked_fill_``,
+    and faster than a product with the bool mask itself, whose type promotion costs more. A NaN or inf
+    at a pruned entry would stay NaN under a product; that only happens once training has diverged,
+    and pruning itself refuses non-finite weights.
     """
     tensor.mul_(keep.view(torch.uint8))
 

@@ -167,8 +167,8 @@ def _count(flags: torch.Tensor, protected: torch.Tensor | None) -> int:
 def _kth_smallest(values: torch.Tensor, rank: int) -> float:
     """The ``rank``-th smallest (1-based) of a float tensor. On the CPU numpy's introselect is an order
     of magnitude faster than ``torch.kthvalue`` (it needs no indices). On a GPU a full radix sort is:
-    ``torch.kthvalue`` selects within one thread block per slice, and a single slice of 25M scores took
-    300 ms on an H200."""
+    ``torch.kthvalue`` selects within one thread block per slice, which is slow for one long slice
+    (benchmarks/results/gpu_check.md)."""
     if values.device.type != "cpu":
         return float(torch.sort(values).values[rank - 1])
     return float(np.partition(values.numpy(), rank - 1)[rank - 1])
