@@ -8,7 +8,8 @@ names those modules and why, in one warning per pruner.
 
 An attention module here is a module with a positive integer head size attribute (``head_dim``,
 ``attention_head_size``, ... : :data:`prunekit.structure.heads.HEAD_DIM_ATTRIBUTES`) holding at least
-one pruned weight (itself or below it); modules the user excluded hold none and are not reported.
+one pruned weight (itself or below it) and no such module inside it (the innermost one is reported);
+modules the user excluded hold none and are not reported.
 """
 
 from __future__ import annotations
@@ -49,10 +50,13 @@ def whole_attention(
         if heads.numel():
             head_units.setdefault(piece.module_name, set()).update(heads.tolist())
     pruned = {target.name for target in targets}
+    attention = {name: module for name, module in model.named_modules() if _head_size(module) is not None}
     found: dict[str, str] = {}
-    for name, module in model.named_modules():
-        if _head_size(module) is None or not any(_inside(t, name) for t in pruned):
+    for name, module in attention.items():
+        if not any(_inside(t, name) for t in pruned):
             continue
+        if any(other != name and _inside(other, name) for other in attention):
+            continue  # a wrapper (torchvision's MaxViT partition layer): its inner attention module is the one
         units = set().union(*(u for m, u in head_units.items() if _inside(m, name)))
         if len(units) > min_kept:
             continue
