@@ -5,6 +5,7 @@ inside a sentence-transformers model. Each runs Wanda, SparseGPT unstructured an
 structured path with reconstruction followed by pk.compact."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -132,9 +133,10 @@ def test_owl_gives_two_blocks_the_target_plus_and_minus_lambda(kind):
 
 
 #: The structured path's units per family: (reconstructed layers per block, whether attention is pruned).
-#: Phi-3's fused qkv_proj and Gemma's single key/value head (every query head shares it) leave attention
-#: whole; their MLP neurons (Phi-3: both halves of gate_up_proj together) are pruned and refit.
-STRUCTURED = {"mistral": (2, True), "qwen2": (2, True), "phi3": (1, False), "gemma": (1, False)}
+#: Gemma's single key/value head stays whole while its query heads go (q_proj rows, o_proj columns);
+#: Phi-3's fused qkv_proj leaves attention whole (with a warning naming the modules); its MLP neurons
+#: (both halves of gate_up_proj together) are pruned and refit.
+STRUCTURED = {"mistral": (2, True), "qwen2": (2, True), "phi3": (1, False), "gemma": (2, True)}
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -142,21 +144,31 @@ def test_structured_with_reconstruction_then_compact_is_exact(kind):
     model = tiny(kind)
     dense_params = sum(p.numel() for p in model.parameters())
     calib = calibration()
-    pruner = pk.prune(model, 0.3, granularity="out_channel", criterion="wanda", calibration=calib,
-                      example_inputs=calib[0], reconstruct=True)  # fmt: skip
     per_block, attention = STRUCTURED[kind]
+    # Attention left whole is reported, once; attention that loses heads is not.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner = pk.prune(model, 0.3, granularity="out_channel", criterion="wanda", calibration=calib,
+                          example_inputs=calib[0], reconstruct=True)  # fmt: skip
+    assert sum("removes no attention head" in str(w.message) for w in caught) == (0 if attention else 1)
     assert len(pruner.reconstruction) == 2 * per_block
     assert all(r.error_after <= r.error_before for r in pruner.reconstruction)
     masks = masked_parameters(model)
     assert any(".self_attn." in name for name in masks) == attention
     if kind == "qwen2":  # the q/k/v biases of pruned heads go with their rows
         assert "model.layers.0.self_attn.k_proj.bias" in masks
+    if kind == "gemma":  # query heads go; the one key/value head they all read stays whole
+        assert not any(".k_proj." in name or ".v_proj." in name for name in masks)
     with torch.no_grad():
         masked = model(**calib[1]).logits
     small = pk.compact(model, example_inputs=calib[0])
     with torch.no_grad():
         torch.testing.assert_close(small(**calib[1]).logits, masked, atol=1e-4, rtol=1e-4)
     assert sum(p.numel() for p in small.parameters()) < dense_params
+    if kind == "gemma":
+        self_attn = small.model.layers[0].self_attn
+        assert self_attn.q_proj.out_features == 24 and self_attn.k_proj.out_features == 8
+        assert self_attn.num_key_value_groups == 3
 
 
 # ---------------------------------------------------------------- OPT, ViT, T5: Wanda, 2:4, OWL, structured

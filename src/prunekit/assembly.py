@@ -21,6 +21,7 @@ from .core.validation import check_whole
 from .engines.coupled import CoupledEngine
 from .engines.enforcement import MaskEnforcer, unwrap_optimizer
 from .engines.unstructured import SCOPES, UnstructuredEngine
+from .engines.whole_attention import warn_whole_attention, whole_attention
 from .fhe.budget import AccumulatorBudget
 from .fhe.fan_in import FanInConstraint
 from .methods.constraints import Constraint
@@ -125,6 +126,7 @@ def assemble(
             )
         checks.check_has_units(dependencies, sparsity_target, structured.prune_outputs)
         checks.warn_unreached(checks.unreached_layers(dependencies, targets, ran, structured.prune_outputs))
+        warn_whole_attention(whole_attention(model, dependencies, targets, min_kept))
         maskable = _dependency_tensors(dependencies)
         enforcer = MaskEnforcer(maskable, mask_gradients)
         left_out = set() if include is None else _left_out_weights(model, exclude, targets)

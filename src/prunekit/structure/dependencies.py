@@ -91,6 +91,7 @@ class ChannelDependencies:
         unit_family: torch.Tensor,
         families: list[str],
         unit_is_head: torch.Tensor | None = None,
+        unit_read_out: torch.Tensor | None = None,
     ):
         self.slices = slices
         self.num_units = num_units
@@ -99,6 +100,10 @@ class ChannelDependencies:
         #: Bool per unit: an attention head (coupled by an activation × activation product such as
         #: q·kᵀ or softmax·v), as opposed to a channel / neuron of the model's width.
         self.unit_is_head = torch.zeros(num_units, dtype=torch.bool) if unit_is_head is None else unit_is_head
+        #: Bool per unit: its channels are not zero when it is pruned, only the layer columns that read them
+        #: are (a query head of multi-query attention, which still averages the kept values): it counts as
+        #: removed only once those columns are zero too (see :func:`prunekit.structure.units.removed_units`).
+        self.unit_read_out = torch.zeros(num_units, dtype=torch.bool) if unit_read_out is None else unit_read_out
 
     def members(self, unit: int) -> dict[str, dict[int, list[int]]]:
         """``{tensor name: {dim: [indices]}}`` of one unit, for inspection."""
@@ -357,4 +362,8 @@ def _units(model: nn.Module, tracer: ChannelTracer) -> ChannelDependencies:
     for head_ids in tracer.heads:
         heads = unit[head_ids]
         unit_is_head[heads[heads >= 0]] = True
-    return ChannelDependencies(slices, num_units, unit_family, families, unit_is_head)
+    unit_read_out = torch.zeros(num_units, dtype=torch.bool)
+    for head_ids in tracer.read_out_heads:
+        heads = unit[head_ids[head_ids >= 0]]
+        unit_read_out[heads[heads >= 0]] = True
+    return ChannelDependencies(slices, num_units, unit_family, families, unit_is_head, unit_read_out)

@@ -77,6 +77,11 @@ class ChannelTracer(TorchFunctionMode):
         #: One id per attention head (per slice of an activation × activation product): the units they
         #: end up in are heads, which ``prune_only="heads"`` / ``"width"`` tell apart from channels.
         self.heads: list[torch.Tensor] = []
+        #: Head ids whose output is not zero when the head is pruned but is read only through layer columns
+        #: that go with the head (a query head of multi-query attention: its output is the uniform average
+        #: of the kept values). :meth:`consume` does not pin them; a unit holding one counts as removed only
+        #: once the columns that read it are zero too (:func:`prunekit.structure.units.removed_units`).
+        self.read_out_heads: list[torch.Tensor] = []
         #: Tensors that mix every head of an attention module (head-averaged attention weights): reading
         #: them pins those heads (tensor -> head ids).
         self.head_mixtures: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -271,6 +276,9 @@ class ChannelTracer(TorchFunctionMode):
         dim = dim % label.ndim
         per_index = self.constant_along(label, tuple(d for d in range(label.ndim) if d != dim)).reshape(-1)
         channel = ids_of(per_index)
+        if self.read_out_heads:  # their columns here go with them: exact without a zero input
+            read_out = torch.isin(ids_of(per_index), torch.cat(self.read_out_heads))
+            per_index = torch.where(read_out, per_index | 1, per_index)
         # A channel that is not zero where it is pruned changes the layer's output: it must stay.
         self.graph.pin_labels(per_index)
         if ids is None:

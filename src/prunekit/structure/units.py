@@ -180,7 +180,9 @@ def unit_keep_factors(dependencies: ChannelDependencies, pruned: torch.Tensor) -
 def removed_units(dependencies: ChannelDependencies, nonzero_units: torch.Tensor | None = None) -> torch.Tensor:
     """Bool per unit: True when the unit's channels are zero: every parameter slice that makes them
     (filters, biases, norm weights) is pruned, i.e. masked, or all zeros where the parameter has no mask.
-    Input columns that read the channels and buffers (running statistics) do not count: they go with it.
+    Input columns that read the channels and buffers (running statistics) do not count: they go with it
+    (except for a unit whose channels are not zero when pruned, ``unit_read_out``: the columns that read
+    it must be zero as well).
     The stored bit-packed masks are read as they are (:func:`prunekit.core.masks.kept_along`), mostly
     without unpacking them. ``nonzero_units`` (bool
     per unit, from :func:`unit_scores`) marks units known to have a non-zero filter: the weights of a piece
@@ -189,8 +191,17 @@ def removed_units(dependencies: ChannelDependencies, nonzero_units: torch.Tensor
     spare = dependencies.num_units
     gone = torch.ones(spare + 1, dtype=torch.bool)
     seen = torch.zeros(spare + 1, dtype=torch.bool)
+    read_out = torch.cat([dependencies.unit_read_out, torch.zeros(1, dtype=torch.bool)])
     for piece in dependencies.slices:
-        if not piece.maskable or piece.consumer:
+        if not piece.maskable:
+            continue
+        if piece.consumer:
+            # A unit whose channels stay non-zero when pruned (a multi-query head) is gone only once the
+            # columns reading it are zero too: otherwise removing it would change what they add up.
+            units = torch.where(piece.unit >= 0, piece.unit, spare)
+            if bool(read_out.index_select(0, units).any()):
+                units = torch.where(read_out.index_select(0, units), units, spare)
+                gone.scatter_reduce_(0, units, ~_alive(piece), reduce="amin")
             continue
         units = torch.where(piece.unit >= 0, piece.unit, spare)
         if nonzero_units is not None and not _has_mask(piece):
@@ -198,19 +209,22 @@ def removed_units(dependencies: ChannelDependencies, nonzero_units: torch.Tensor
             if bool(nonzero_units.index_select(0, inside).all()):
                 seen.index_fill_(0, units, True)  # alive: gone stays True only where nonzero_units rules it out
                 continue
-        values = piece.tensor.detach()
-        size = values.shape[piece.dim]
-        packed = piece.module._buffers.get(mask_store.mask_buffer_name(piece.tensor_name))
-        if values.device.type == "meta":
-            alive = torch.ones(size, dtype=torch.bool)
-        elif packed is not None:
-            alive = mask_store.kept_along(packed, values.shape, piece.dim).cpu()
-        else:
-            # The largest |value| of each index, compared with 0: several times faster than any() over a
-            # bool copy (NaN stays alive, as with != 0).
-            lead = math.prod(values.shape[: piece.dim])
-            alive = values.reshape(lead, size, -1).abs().amax(dim=(0, 2)).cpu() != 0
-        gone.scatter_reduce_(0, units, ~alive, reduce="amin")
+        gone.scatter_reduce_(0, units, ~_alive(piece), reduce="amin")
         seen.index_fill_(0, units, True)
     found = (gone & seen)[:spare]
     return found if nonzero_units is None else found & ~nonzero_units
+
+
+def _alive(piece) -> torch.Tensor:
+    """Bool per index of the piece's dimension: not masked, and (without a mask) not all zeros."""
+    values = piece.tensor.detach()
+    size = values.shape[piece.dim]
+    packed = piece.module._buffers.get(mask_store.mask_buffer_name(piece.tensor_name))
+    if values.device.type == "meta":
+        return torch.ones(size, dtype=torch.bool)
+    if packed is not None:
+        return mask_store.kept_along(packed, values.shape, piece.dim).cpu()
+    # The largest |value| of each index, compared with 0: several times faster than any() over a bool
+    # copy (NaN stays alive, as with != 0).
+    lead = math.prod(values.shape[: piece.dim])
+    return values.reshape(lead, size, -1).abs().amax(dim=(0, 2)).cpu() != 0

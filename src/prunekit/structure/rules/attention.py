@@ -13,7 +13,7 @@ import math
 import torch
 
 from ..calls import bind, is_float_tensor, signature, tensor_leaves
-from ..labels import encode, ids_of, zero_ok_of
+from ..labels import encode, ids_of, unbroadcast, zero_ok_of
 from ..ops import op_name
 from ..products import einsum_operands, is_activation_product, matrix_operands
 from ..registry import register_rule
@@ -44,12 +44,22 @@ def matmul(tracer, func, args, kwargs, out) -> None:
 
 def batched_product(tracer, a, b, out, extra=()) -> None:
     """Two activations multiplied (attention scores, attention-weighted values): everything within one
-    slice of the leading (batch, head) dimensions is coupled, so the unit is the head."""
+    slice of the leading (batch, head) dimensions is coupled, so the unit is the head.
+
+    Multi-query attention (Shazeer 2019, "Fast Transformer Decoding: One Write-Head is All You Need"):
+    when one factor carries the same channels in every head of a 4-D product (the single key/value head,
+    repeated for every query head), that factor is kept whole and each query head is a unit of its own
+    (see :func:`shared_by_every_head`)."""
     lead = tuple(out.shape[:-2]) if out.ndim > 2 else ()
     slices = math.prod(lead)
+    operands = [t for t in (a, b) if isinstance(t, torch.Tensor)]
+    shared = [t for t in operands if len(lead) == 2 and shared_by_every_head(tracer.full_label(t), lead)]
+    single_kv = len(operands) == 2 and len(shared) == 1
+    if single_kv:
+        tracer.pin_tensors(shared[0])
     rows = []
     for tensor in (a, b, *extra):
-        if not isinstance(tensor, torch.Tensor):
+        if not isinstance(tensor, torch.Tensor) or (single_kv and tensor is shared[0]):
             continue
         label = tracer.full_label(tensor)
         if label.ndim > 2:
@@ -60,19 +70,38 @@ def batched_product(tracer, a, b, out, extra=()) -> None:
     first = ids.amax(dim=1, keepdim=True)
     tracer.graph.join(first.expand_as(ids), ids)
     tracer.heads.append(first[:, 0])
-    # Zero where a pruned head zeroes either factor (attention weights × the head's pruned values).
-    zero_ok = zero_ok_of(rows[0]).all(dim=1) | zero_ok_of(rows[-1]).all(dim=1)
+    if single_kv:
+        # A pruned query head reads the kept keys and values: its scores are zero, its output (a uniform
+        # average of the values) is not; it is exact only with the columns that read it, see read_out_heads.
+        zero_ok = zero_ok_of(rows[0]).all(dim=1)
+        tracer.read_out_heads.append(first[:, 0])
+    else:
+        # Zero where a pruned head zeroes either factor (attention weights × the head's pruned values).
+        zero_ok = zero_ok_of(rows[0]).all(dim=1) | zero_ok_of(rows[-1]).all(dim=1)
     label = encode(first[:, 0], zero_ok)
     shape = (*lead, 1, 1)[: out.ndim] if out.ndim >= 2 else [1] * out.ndim
     tracer.set_label(out, label.reshape(shape).expand(tuple(out.shape)))
 
 
+def shared_by_every_head(label: torch.Tensor, lead: tuple[int, ...]) -> bool:
+    """Whether the labels of a (batch, heads, rows, columns) factor hold some channel and are the same in
+    every one of several heads (dimension 1 of ``lead``): one key/value head read by every query head."""
+    if len(lead) != 2 or lead[1] < 2 or label.ndim != 4:
+        return False
+    label = label.expand(*lead, *label.shape[-2:])
+    if label.stride(1) == 0:  # broadcast over the heads (a single head expanded): the same by construction
+        return bool((unbroadcast(label) >= 0).any())
+    per_head = ids_of(label).reshape(lead[0], lead[1], -1)
+    return bool((per_head >= 0).any()) and bool((per_head == per_head[:, :1]).all())
+
+
 def scaled_dot_product_attention(tracer, func, args, kwargs, out) -> None:
     """One unit per key/value head with the query heads that share it (grouped-query attention): its
-    query/key/value channels and any additive mask of that head."""
+    query/key/value channels and any additive mask of that head. With a single key/value head read by
+    every query head (multi-query attention: one key/value head given, or repeated for every query head)
+    the keys and values are kept whole and each query head is a unit (see :func:`batched_product`)."""
     q, k, v, mask = bind(args, kwargs, ("query", "key", "value", "attn_mask"))
     heads, kv_heads = q.shape[-3], k.shape[-3]
-    group = heads // kv_heads
     lead = tuple(q.shape[:-3])
     batch = math.prod(lead) if lead else 1
 
@@ -81,9 +110,18 @@ def scaled_dot_product_attention(tracer, func, args, kwargs, out) -> None:
         label = label.expand(*lead, count, *label.shape[-2:]) if label.ndim == len(lead) + 3 else label
         return label.reshape(batch, count, -1).transpose(0, 1).reshape(count, -1)
 
-    q_rows = per_head(q, heads).reshape(kv_heads, -1)
     k_rows, v_rows = per_head(k, kv_heads), per_head(v, kv_heads)
-    rows = [q_rows, k_rows, v_rows]
+    single_kv = (
+        heads > 1
+        and bool((ids_of(k_rows) >= 0).any())
+        and all(bool((ids_of(rows) == ids_of(rows[:1])).all()) for rows in (k_rows, v_rows))
+    )
+    if single_kv:
+        tracer.graph.pin(ids_of(torch.cat([k_rows[:1], v_rows[:1]], dim=1)))
+        kv_heads = heads  # every query head on its own
+    group = heads // kv_heads
+    q_rows = per_head(q, heads).reshape(kv_heads, -1)
+    rows = [q_rows] if single_kv else [q_rows, k_rows, v_rows]
     if isinstance(mask, torch.Tensor) and is_float_tensor(mask) and tracer.label(mask) is not None:
         full = tracer.full_label(mask).expand(*lead, heads, q.shape[-2], k.shape[-2])
         rows.append(full.reshape(batch, heads, -1).transpose(0, 1).reshape(kv_heads, -1))
@@ -91,7 +129,13 @@ def scaled_dot_product_attention(tracer, func, args, kwargs, out) -> None:
     first = ids.amax(dim=1, keepdim=True).expand_as(ids)
     tracer.graph.join(first, ids)
     tracer.heads.append(first[:, 0])
-    zero_ok = zero_ok_of(v_rows).all(dim=1)
+    if single_kv:
+        # A pruned query head's output is the uniform average of the kept values, not zero: it is exact
+        # only with the columns that read it (see ChannelTracer.read_out_heads).
+        zero_ok = torch.zeros(heads, dtype=torch.bool)
+        tracer.read_out_heads.append(first[:, 0])
+    else:
+        zero_ok = zero_ok_of(v_rows).all(dim=1)
     head_label = encode(first[:, 0], zero_ok).repeat_interleave(group)
     tracer.set_label(out, head_label.reshape(heads, 1, 1).expand(tuple(out.shape)))
 
