@@ -303,6 +303,7 @@ def refusals():
         "schedule": (dict(calibration=[x], schedule=pk.OneShot()), "schedule"),
         "bad batch": (dict(calibration=[x, torch.randn(4, 5)], reconstruct=True), "calibration batch 1"),
         "no example_inputs": (dict(calibration=[x], example_inputs=None), "example_inputs"),
+        "bad progress": (dict(calibration=[x], reconstruct=True, progress="no"), "progress must be"),
     }
 
 
@@ -319,6 +320,33 @@ def test_refused_calls_leave_the_model_unchanged(case):
     assert_unchanged(model, before)
     if case == "bad batch":
         assert isinstance(error.value, CalibrationError) and "RuntimeError" in str(error.value)
+
+
+def test_pk_prune_takes_progress_on_the_structured_path_with_a_bar_over_the_refit_layers(monkeypatch):
+    """progress= means the same on every calibrated path: pk.prune passes it through, and a bar counts
+    the refit layers (here the one consumer of the pruned hidden layer)."""
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, unit, leave):
+            self.total, self.desc, self.unit, self.count = total, desc, unit, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.count += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    x = torch.randn(8, 4)
+    for progress in (False, True):
+        pk.prune(linear_net(act=nn.ReLU()), 0.5, granularity="out_channel", calibration=[x], example_inputs=x,
+                 reconstruct=True, progress=progress)  # fmt: skip
+    ((bar),) = bars
+    assert (bar.desc, bar.unit, bar.total, bar.count) == ("prunekit refit", "layer", 1, 1)
 
 
 def _recording(put, stores):

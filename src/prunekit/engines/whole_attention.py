@@ -42,6 +42,9 @@ def whole_attention(
     """``{module name: why}`` of the attention modules (see the module docstring) in which no attention
     head can be removed: the trace offered no head unit there, or no more head units than ``min_kept``
     (every family keeps that many)."""
+    attention = {name: module for name, module in model.named_modules() if _head_size(module) is not None}
+    if not attention:
+        return {}
     head_units: dict[str, set[int]] = {}
     is_head = dependencies.unit_is_head
     for piece in dependencies.slices:
@@ -50,7 +53,6 @@ def whole_attention(
         if heads.numel():
             head_units.setdefault(piece.module_name, set()).update(heads.tolist())
     pruned = {target.name for target in targets}
-    attention = {name: module for name, module in model.named_modules() if _head_size(module) is not None}
     found: dict[str, str] = {}
     for name, module in attention.items():
         if not any(_inside(t, name) for t in pruned):

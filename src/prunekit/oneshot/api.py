@@ -27,6 +27,7 @@ from .calibration import BlockInputs, CalibrationError, capture_inputs
 from .offload import read_weight, write_weight
 from .owl import OWL, outlier_ratio, owl_sparsities
 from .plan import OneShotPlan, plan_calibrated, pruner_options, wants_calibration
+from .progress import progress_bar
 from .rows import keep_n_of_m, keep_per_row
 from .sparsegpt import sparsegpt_prune
 from .wanda import wanda_keep, wanda_scores
@@ -57,17 +58,6 @@ class OneShotResult:
         if self.left_out:
             lines.append(f"left dense (outside the blocks): {', '.join(self.left_out)}")
         return "\n".join(lines)
-
-
-def _bar(total: int, enabled: bool, what: str):
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, desc=what, unit="block", leave=False)
-        except ImportError:
-            pass
-    return None
 
 
 def _in_features(t: Target) -> int:
@@ -168,7 +158,7 @@ def run_calibrated(plan: OneShotPlan) -> OneShotResult:
     result.left_out = list(plan.left_out)
     result.batches = len(plan.batches)
     num_blocks = sum(len(s) for _, s in plan.stacks)
-    bar = _bar(num_blocks * (2 if plan.owl else 1), plan.progress, f"prunekit {plan.criterion}")
+    bar = progress_bar(num_blocks * (2 if plan.owl else 1), plan.progress, f"prunekit {plan.criterion}")
     model.eval()
     try:
         if plan.owl:

@@ -16,6 +16,7 @@ from ..methods.granularity import NM, Granularity, Weight, get_granularity
 from .blocks import block_device, find_blocks
 from .calibration import read_batches
 from .owl import OWL
+from .progress import check_progress
 from .wanda import Wanda
 
 CRITERIA = ("wanda", "sparsegpt", "magnitude")
@@ -192,8 +193,7 @@ def plan_calibrated(
         raise ValueError(f"min_kept must be a whole number of weights ≥ 0, got {min_kept!r}")
     if offload not in OFFLOAD:
         raise ValueError(f"offload takes 'auto', True or False, got {offload!r}")
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be True or False, got {progress!r}")
+    check_progress(progress)
     sequential = _check_sequential(sequential, name)
 
     targets = find_targets(model, include, exclude)

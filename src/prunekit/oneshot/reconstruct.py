@@ -51,6 +51,7 @@ from ..core import masks as mask_store
 from ..core.targets import Target, is_hf_conv1d
 from ..engines.calibration import StopForward, input_rows, run_batch
 from .activations import CalibrationRecord, eval_mode
+from .progress import with_progress
 from .snapshot import TensorSnapshot
 from .spill import SpillStore
 
@@ -305,16 +306,16 @@ def solve_damped(
 
 def refit_least_squares(
     model: nn.Module, dense: TensorSnapshot, batches: list[Any], consumers: list[Consumer],
-    record: CalibrationRecord, damp: float, added: list[nn.Module],
+    record: CalibrationRecord, damp: float, added: list[nn.Module], progress: bool = False,
 ) -> list[RefitReport]:  # fmt: skip
     """Refit each consumer in call order against the dense model's outputs (see the module docstring);
     ``dense``: the copy of the changed tensors taken before pruning, which recreates the dense model for
-    the one pass that records those outputs."""
+    the one pass that records those outputs; ``progress``: a bar over the refit layers."""
     reports = []
     with dense.dense_model():
         cached = dense_outputs(model, batches, consumers, record)
     try:
-        for layer in consumers:
+        for layer in with_progress(consumers, progress, "prunekit refit", "layer"):
             reports.append(_refit(model, layer, batches, cached, record, damp, added))
     finally:
         cached.close()

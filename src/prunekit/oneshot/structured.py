@@ -36,6 +36,7 @@ from ..methods.granularity import OutChannel, get_granularity
 from ..pruner import Pruner
 from . import reconstruct as reconstruction
 from .activations import CalibrationRecord, as_batches, collect_statistics
+from .progress import check_progress
 from .reconstruct import (
     MODES,
     RefitReport,
@@ -122,6 +123,7 @@ def prune_structured_with_calibration(
     exclude: LayerSelector | Iterable[LayerSelector] | None = None,
     min_kept: int = 1,
     damp: float = 0.1,
+    progress: bool = True,
     **options: Any,
 ) -> Pruner:
     """Prune whole heads, neurons and channels of a trained model, scored from calibration data, and
@@ -141,6 +143,7 @@ def prune_structured_with_calibration(
         damp: damping of the least-squares refit towards the masked weights, as a fraction of the mean
             diagonal of XᵀX (0.1 keeps held-out outputs closest in benchmarks/structured_oneshot.py;
             less fits the calibration data more closely and generalises worse).
+        progress: show a progress bar over the refit layers (tqdm, when installed).
         layer_sparsity, include, exclude, min_kept, **options: as for :class:`prunekit.Pruner`
             (``scope``, ``round_to``, ``prune_only``, ``max_layer_sparsity``, ``prune_outputs``).
 
@@ -149,6 +152,7 @@ def prune_structured_with_calibration(
     Nothing is changed when the call raises.
     """
     mode = _check_mode(reconstruct)
+    check_progress(progress)
     if not isinstance(get_granularity(granularity), OutChannel):
         what = "reconstruct" if mode else f"criterion={criterion!r} with calibration"
         raise ValueError(
@@ -204,7 +208,7 @@ def prune_structured_with_calibration(
         if mode == "bias":
             reports = compensate_biases(dense, consumers, record, added)
         else:
-            reports = refit_least_squares(model, dense, batches, consumers, record, float(damp), added)
+            reports = refit_least_squares(model, dense, batches, consumers, record, float(damp), added, progress)
     except BaseException:
         dense.restore(added)
         raise

@@ -192,8 +192,9 @@ def removed_units(dependencies: ChannelDependencies, nonzero_units: torch.Tensor
     gone = torch.ones(spare + 1, dtype=torch.bool)
     seen = torch.zeros(spare + 1, dtype=torch.bool)
     read_out = torch.cat([dependencies.unit_read_out, torch.zeros(1, dtype=torch.bool)])
+    any_read_out = bool(dependencies.unit_read_out.any())
     for piece in dependencies.slices:
-        if not piece.maskable:
+        if not piece.maskable or (piece.consumer and not any_read_out):
             continue
         if piece.consumer:
             # A unit whose channels stay non-zero when pruned (a multi-query head) is gone only once the
