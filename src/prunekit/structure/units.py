@@ -32,19 +32,15 @@ def unit_scores(
     already (see :func:`removed_units`), read off the scores at no extra cost."""
     spare = dependencies.num_units  # a last slot for the indices in no unit (cheaper than masking them out)
     total = torch.zeros(spare + 1, dtype=torch.float64)
-    scored_dims: dict[str, set[int]] = {}
+    cache: dict[str, torch.Tensor] = {}
     for piece in dependencies.slices:
-        if piece.full_name in element_scores:
-            scored_dims.setdefault(piece.full_name, set()).add(piece.dim)
-    per_dim: dict[str, dict[int, torch.Tensor]] = {}
-    for piece in dependencies.slices:
-        dims = scored_dims.get(piece.full_name)
-        if dims is None:
+        make = element_scores.get(piece.full_name)
+        if make is None:
             continue
-        if piece.full_name not in per_dim:
-            scores = element_scores[piece.full_name]().detach()
-            per_dim[piece.full_name] = _per_index(scores, dims, reduce)
-        per_index = per_dim[piece.full_name][piece.dim]
+        if piece.full_name not in cache:
+            cache[piece.full_name] = make().detach()
+        scores = cache[piece.full_name]
+        per_index = _per_index(scores, piece.dim, reduce).cpu()
         units = torch.where(piece.unit >= 0, piece.unit, spare)
         total.index_add_(0, units, per_index)
         if nonzero_units is not None and not piece.consumer and not _has_mask(piece):
@@ -59,37 +55,20 @@ def _has_mask(piece) -> bool:
     return mask_store.mask_buffer_name(piece.tensor_name) in piece.module._buffers
 
 
-def _per_index(scores: torch.Tensor, dims: set[int], reduce: str) -> dict[int, torch.Tensor]:
-    """``{dim: float64 per-index sum}`` of the scores for each of ``dims``: the sum (reduce="sum") or the
-    squared L2 norm (reduce="l2", so that members add up to the group's squared norm) of the scores
-    of each index of that dimension.
-
-    The dimensions after the last of ``dims`` are reduced first, in one pass over the scores (a
-    convolution's kernel positions); every dimension's sums are then read off that smaller grid, so
-    a weight scored along its filters and its input channels is read once, not once per dimension."""
-    last = max(dims)
-    values = scores.float()
-    lead = values.reshape(*values.shape[: last + 1], -1)
-    if lead.shape[-1] == 1:
-        grid = lead.squeeze(-1)
+def _per_index(scores: torch.Tensor, dim: int, reduce: str) -> torch.Tensor:
+    """Float64 sum (reduce="sum") or squared L2 norm (reduce="l2", so that members add up to the group's
+    squared norm) of the scores of each index of ``dim``."""
+    if dim == 0:
         if reduce == "l2":
-            if dims == {0}:  # the usual case: one pass, no squared copy
-                flat = grid.reshape(grid.shape[0], -1)
-                return {0: torch.linalg.vector_norm(flat, 2, dim=1).double().square().cpu()}
-            grid = grid.square()
-    elif reduce == "l2":
-        grid = torch.linalg.vector_norm(lead, 2, dim=-1).square()
-    else:
-        grid = lead.sum(dim=-1)
-    return {dim: _sum_except(grid, dim).double().cpu() for dim in dims}
-
-
-def _sum_except(grid: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sums of ``grid`` over every dimension but ``dim``. Leading dimensions are summed whole-slice first:
-    reducing them in one go with the trailing ones strides through memory and is many times slower."""
-    if dim > 0:
-        grid = grid.reshape(math.prod(grid.shape[:dim]), *grid.shape[dim:]).sum(dim=0)
-    return grid.reshape(grid.shape[0], -1).sum(dim=1)
+            return torch.linalg.vector_norm(scores.float(), 2, dim=tuple(range(1, scores.ndim))).double().square()
+        return scores.float().sum(dim=tuple(range(1, scores.ndim))).double()
+    # Any other dimension (the input channels of a weight): reducing over the leading dimensions in one
+    # go strides through memory and is many times slower than summing whole leading slices first.
+    size = scores.shape[dim]
+    grid = scores.float().reshape(math.prod(scores.shape[:dim]), size, -1)
+    if reduce == "l2":
+        grid = grid.square()
+    return grid.sum(dim=0).sum(dim=1).double()
 
 
 def choose_units(
