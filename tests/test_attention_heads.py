@@ -356,3 +356,28 @@ def test_multihead_attention_projections_are_pruning_targets():
     assert int((~rows.masks["in_proj_bias"]).sum()) == 12  # a quarter of the 48 q, k, v rows
     separate = nn.MultiheadAttention(16, 4, kdim=8, vdim=12)
     assert set(pk.prune(separate, 0.5).masks) == {"q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"}
+
+
+class _PlainHeadAttention(nn.Module):
+    """Two heads whose query and key are a projection (head 0) and the model's input itself (head 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 8)
+        self.out, self.last = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        plain = x[..., :4]
+        q, k = torch.stack([self.q(x), plain], dim=1), torch.stack([self.k(x), plain], dim=1)
+        v = self.v(x).view(b, t, 2, 4).transpose(1, 2)
+        y = ((q @ k.transpose(-1, -2)).softmax(-1) @ v).transpose(1, 2).reshape(b, t, 8)
+        return self.last(torch.relu(self.out(y)))
+
+
+def test_a_head_of_plain_data_marks_no_other_unit_as_a_head():
+    """Head 1's scores carry no channel (its query and key are the input), so its id is −1: it must not be
+    read as the last id, whose unit (an output of the last layer, with prune_outputs) is no head."""
+    deps = pk.trace_dependencies(_PlainHeadAttention().eval(), torch.randn(2, 5, 8), reuse=False, prune_outputs=True)
+    heads = [deps.members(u) for u in range(deps.num_units) if deps.unit_is_head[u]]
+    assert len(heads) == 2 and not any("last.weight" in members for members in heads)

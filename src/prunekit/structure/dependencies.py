@@ -360,7 +360,7 @@ def _units(model: nn.Module, tracer: ChannelTracer) -> ChannelDependencies:
             )
     unit_is_head = torch.zeros(num_units, dtype=torch.bool)
     for head_ids in tracer.heads:
-        heads = unit[head_ids]
+        heads = unit[head_ids[head_ids >= 0]]  # −1: a head row with no channel (plain data), not the last id
         unit_is_head[heads[heads >= 0]] = True
     unit_read_out = torch.zeros(num_units, dtype=torch.bool)
     for head_ids in tracer.read_out_heads:
