@@ -498,19 +498,34 @@ def test_a_trace_is_reused_only_while_nothing_it_depends_on_changes():
 
 
 def _count_forwards(model: nn.Module) -> list[int]:
-    """Runs of this very module (compact's deep copy inherits the hook, but is another module)."""
+    """Runs of this very module that computed values (compact's deep copy inherits the hook, but is another
+    module; a shape-only trace runs it on meta tensors, which computes nothing)."""
     calls = [0]
-    model.register_forward_hook(lambda module, *_: calls.__setitem__(0, calls[0] + (module is model)))
+
+    def count(module, args, output):
+        calls[0] += module is model and output.device.type != "meta"
+
+    model.register_forward_hook(count)
     return calls
 
 
-def test_compact_checks_against_a_fresh_trace_without_running_the_model_again():
+class _ReadsValues(ResidualNet):
+    """A forward that branches on a value: a shape-only trace cannot run it, the tracer runs it for real."""
+
+    def forward(self, x):
+        return super().forward(x) if bool(x.abs().sum() >= 0) else x
+
+
+@pytest.mark.parametrize("net", [ResidualNet, _ReadsValues])
+def test_compact_runs_the_model_for_real_once(net):
+    """The check's reference: the run of a fresh trace when the tracer had to run the model for real,
+    else (a cached trace, or a trace of shapes only) one run of the masked model."""
     torch.manual_seed(0)
-    model, x = _randomize_norms(ResidualNet()).eval(), torch.randn(2, 3, 8, 8)
+    model, x = _randomize_norms(net()).eval(), torch.randn(2, 3, 8, 8)
     pk.prune(model, 0.5, criterion="l2", granularity="out_channel", example_inputs=x).remove()
     with torch.no_grad():
         masked = model(x)
-    fresh = copy.deepcopy(model)  # no trace cached for the copy: compact traces it, and that run is the reference
+    fresh = copy.deepcopy(model)  # no trace cached for the copy: compact traces it
     calls = _count_forwards(fresh)
     small = pk.compact(fresh, x)
     assert calls[0] == 1

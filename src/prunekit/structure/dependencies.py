@@ -27,15 +27,14 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..core.inputs import call_model
 from ..core.layers import handler_for
 from ..core.masks import MASK_PREFIX
 from ..core.targets import LayerSelector, selector_list, selector_matches
-from .calls import tensor_leaves
 from .channels import DimRange
+from .forward import run_traced
 from .labels import broadcast_dims, ids_of, narrow_first, unbroadcast
 from .threads import one_thread
-from .tracer import ChannelTracer, UnsupportedOperationError
+from .tracer import ChannelTracer
 
 
 @dataclass(eq=False)
@@ -186,27 +185,7 @@ def trace_with_output(
         _, _, cached_excluded, cached_prune_outputs = cached
         if cached[0] == _signature(model, example_inputs, cached_excluded, cached_prune_outputs):
             return cached[1], None
-    flags = {module: module.training for module in model.modules()}
-    tracer = ChannelTracer(model, excluded)
-    try:
-        if any(flags.values()):  # eval() walks every module: skipped when there is nothing to switch
-            model.eval()
-        with torch.no_grad(), tracer:
-            output = call_model(model, example_inputs)
-        for tensor in tensor_leaves(output):
-            label = tracer.label(tensor)
-            if label is not None and not prune_outputs:
-                tracer.graph.pin(ids_of(label))
-            heads = tracer.head_mixtures.get(tensor)
-            if heads is not None:  # weights averaged over heads change with any head, whatever prune_outputs says
-                tracer.graph.pin(heads)
-    except UnsupportedOperationError:
-        raise
-    finally:
-        tracer.close()
-        for module, training in flags.items():
-            if module.training != training:
-                module.training = training
+    tracer, output = run_traced(model, example_inputs, excluded, prune_outputs)
     with one_thread():
         dependencies = _units(model, tracer)
     # A cached value must not hold the model itself, or the weak key would never be released.

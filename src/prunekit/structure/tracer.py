@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from .errors import UnsupportedOperationError  # noqa: F401  (raised here; re-ex
 from .labels import NONE, PINNED_LABEL, encode, ids_of, unbroadcast
 from .ops import op_name
 from .registry import find_rule, module_rule
+from .shapes import ACTIVATION_SOURCES, shape_call
 from .threads import one_thread
 
 ROOT_FORWARD = "<the model's own forward>"
@@ -44,8 +46,11 @@ WRITES = frozenset({"setitem", "copy"})
 class ChannelTracer(TorchFunctionMode):
     """Runs under a model's forward and fills a :class:`ChannelGraph` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, excluded: Iterable[nn.Module] = ()):
+    def __init__(self, model: nn.Module, excluded: Iterable[nn.Module] = (), shape_only: bool = False):
         super().__init__()
+        #: Operations that read a meta tensor return meta tensors, computed by :mod:`.shapes` (the model
+        #: runs on meta copies of its float inputs; see :func:`prunekit.structure.dependencies.trace_with_output`).
+        self.shape_only = shape_only
         self.graph = ChannelGraph()
         self.labels: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.owners: dict[int, tuple[str, str, torch.Tensor]] = {}
@@ -304,24 +309,28 @@ class ChannelTracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = op_name(func)
+        inputs = tensor_leaves((args, kwargs))
+        run = func
+        if self.shape_only and (name in ACTIVATION_SOURCES or any(t.device.type == "meta" for t in inputs)):
+            run = partial(shape_call, func, name)
         if name in WRITES:
-            return self._write_call(name, func, args, kwargs)
-        out = func(*args, **kwargs)
+            return self._write_call(name, func, run, args, kwargs)
+        out = run(*args, **kwargs)
         if self.opaque_depth:
             return out
         # has_label on every input, not just up to the first labelled one: it gives a parameter its ids
         # as label() would, so ids are allocated in the same order whatever the call returns.
-        if not any([self.has_label(t) for t in tensor_leaves((args, kwargs))]):
+        if not any([self.has_label(t) for t in inputs]):
             return out
         if not any(is_float_tensor(t) for t in tensor_leaves(out)):
             return out
         self._apply_rule(name, func, args, kwargs, out)
         return out
 
-    def _write_call(self, name, func, args, kwargs):
+    def _write_call(self, name, func, run, args, kwargs):
         """``x[i] = y`` and ``x.copy_(y)``: the labels of ``x`` before the write are needed after it."""
         before = None if self.opaque_depth else self.full_label(args[0]).clone()
-        out = func(*args, **kwargs)
+        out = run(*args, **kwargs)
         if self.opaque_depth:
             return out
         if any([self.has_label(t) for t in tensor_leaves((args, kwargs))]):
