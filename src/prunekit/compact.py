@@ -83,8 +83,9 @@ def compact(
     earlier = earlier_plan(model)
     reference = None
     if check:
-        # A trace made just now ran the model as it is (eval mode, no gradients): its output is the
-        # reference, with no second run. A cached trace is older than the masks, so the model runs again.
+        # A trace made just now that ran the model for real (eval mode, no gradients): its output is the
+        # reference, with no second run. A cached trace is older than the masks, and a trace of shapes
+        # computed nothing, so then the model runs.
         reference = _run(model, example_inputs) if traced is None else _float_leaves(traced)
     if inplace:
         small = model

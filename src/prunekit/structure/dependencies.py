@@ -139,7 +139,8 @@ def trace_dependencies(
     no support from prunekit. With ``reuse`` (default) the last trace of the same model is returned
     when no module, parameter, buffer, input shape or option has changed since (so pruning and then
     compacting traces once). The model is run in eval mode without gradients and left unchanged
-    (its train/eval flags are restored). Raises :class:`UnsupportedOperationError` naming the operation
+    (its train/eval flags are restored): on meta copies of its float inputs, which computes nothing,
+    and for real only when its forward reads values (see :mod:`.forward`). Raises :class:`UnsupportedOperationError` naming the operation
     and module when channels cannot be followed through some operation.
     """
     return trace_with_output(model, example_inputs, exclude, prune_outputs, reuse)[0]
@@ -155,8 +156,8 @@ def trace_with_output(
     inherit_options: bool = False,
 ) -> tuple[ChannelDependencies, Any]:
     """:func:`trace_dependencies`, and the model's output on ``example_inputs`` (eval mode, no gradients)
-    when this call ran the model, None when it returned the cached trace: :func:`prunekit.compact` checks
-    its result against that output instead of running the model once more.
+    when this call ran the model for real, None when it returned the cached trace or traced shapes only:
+    :func:`prunekit.compact` checks its result against that output instead of running the model once more.
 
     ``inherit_options``: when no ``exclude`` and no ``prune_outputs`` are given, the cached trace of the
     unchanged model is returned whatever options it was made with (compaction after pruning then
