@@ -12,8 +12,8 @@ Run:  python benchmarks/oneshot_gpt.py [--owl-grid] [--cache FILE] [--layers N -
 same model and runs only Wanda and SparseGPT at 70%: uniform and ``layer_sparsity=pk.OWL(M, λ)`` for
 M ∈ {3, 5, 7} × λ ∈ {0.02, 0.05, 0.08} (the paper's M = 5, λ = 0.08 among them), with the block sparsities
 OWL chose (results/oneshot_gpt_owl.md and .png). ``--cache FILE`` trains once for both: it saves the
-trained model to FILE (a pickle: only load files you wrote), or loads it when FILE exists. ``--layers/--width/--steps`` train another model
-(files named ``oneshot_gpt[_owl]_w<width>_l<layers>_s<steps>``).
+trained model to FILE (a pickle: only load files you wrote), or loads it when FILE exists.
+``--layers/--width/--steps`` train another model (files ``oneshot_gpt[_owl]_w<width>_l<layers>_s<steps>``).
 """
 
 from __future__ import annotations
