@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, today, write_result  # noqa: E402
+from _owl_grid import block_sparsities, grid_rows, plot_grid  # noqa: E402
 from oneshot_minilm import (  # noqa: E402
     BATCH,
     CALIBRATION_FILES,
@@ -52,41 +53,7 @@ CRITERIA = ("wanda", "sparsegpt")
 def rows(paper_only: bool) -> list[tuple[str, object]]:
     """(label, layer_sparsity) in the order they are run."""
     found = [("uniform", None), ("OWL (paper: M=5, λ=0.08)", "owl")]
-    if not paper_only:
-        found += [(f"OWL M={m:g}, λ={s:g}", pk.OWL(m, s)) for m in MULTIPLIERS for s in SPREADS]
-    return found
-
-
-def block_sparsities(report) -> str:
-    per_block = {}
-    for name, value in report.target_sparsity.items():
-        per_block.setdefault(int(name.split(".")[2]), value)  # encoder.layer.<i>....
-    return " ".join(f"{per_block[i]:.3f}" for i in sorted(per_block))
-
-
-def plot(results: dict, path) -> None:
-    """Cosine against λ, one line per M, beside uniform; one panel per criterion."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(CRITERIA), figsize=(9, 3.6), sharey=True)
-    for ax, criterion in zip(axes, CRITERIA):
-        for m in MULTIPLIERS:
-            ax.plot(
-                SPREADS, [results[(f"OWL M={m:g}, λ={s:g}", criterion)][0] for s in SPREADS], "o-", label=f"OWL M={m:g}"
-            )
-        ax.axhline(results[("uniform", criterion)][0], color="black", linestyle="--", label="uniform")
-        ax.set_title(f"{criterion}, 70%")
-        ax.set_xlabel("λ (spread of block sparsities)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("embedding cosine to dense")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("OWL on all-MiniLM-L6-v2 (higher is better)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return found if paper_only else found + grid_rows(MULTIPLIERS, SPREADS)
 
 
 def main() -> None:
@@ -143,7 +110,17 @@ def main() -> None:
     text = "\n".join(lines)
     if not args.paper_only:
         written = write_result("oneshot_owl_minilm", text)
-        plot(results, written.with_suffix(".png"))
+        cosines = {key: value[0] for key, value in results.items()}
+        plot_grid(
+            cosines,
+            MULTIPLIERS,
+            SPREADS,
+            CRITERIA,
+            written.with_suffix(".png"),
+            "embedding cosine to dense",
+            "OWL on all-MiniLM-L6-v2 (higher is better)",
+            SPARSITY,
+        )
     print(text)
 
 
