@@ -268,7 +268,8 @@ def copy_module_tree(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     as ``nn.Module`` does (no copy hooks of its own other than ``__setstate__``, which is called as
     deepcopy calls it) gets a new instance whose state holds its submodules copied the same way, its
     tensors from ``memo`` (or cloned, or deep-copied), immutable values as they are and everything else
-    deep-copied with the same memo; any other object goes to ``copy.deepcopy``. Shared submodules and tensors stay shared, as with ``deepcopy``."""
+    deep-copied with the same memo; any other object goes to ``copy.deepcopy``. Shared submodules and
+    tensors stay shared, as with ``deepcopy``."""
     found = memo.get(id(module))
     if found is not None:
         return found

@@ -140,8 +140,9 @@ def trace_dependencies(
     when no module, parameter, buffer, input shape or option has changed since (so pruning and then
     compacting traces once). The model is run in eval mode without gradients and left unchanged
     (its train/eval flags are restored): on meta copies of its float inputs, which computes nothing,
-    and for real only when its forward reads values (see :mod:`.forward`). Raises :class:`UnsupportedOperationError` naming the operation
-    and module when channels cannot be followed through some operation.
+    and for real only when its forward reads values (see :mod:`.forward`). Raises
+    :class:`UnsupportedOperationError` naming the operation and module when channels cannot be followed
+    through some operation.
     """
     return trace_with_output(model, example_inputs, exclude, prune_outputs, reuse)[0]
 

@@ -127,7 +127,7 @@ register_shape_rule(SAME_SHAPE, _like_input)
 
 def _binary(args: tuple, kwargs: dict) -> Any:
     a, b = bind(args, kwargs, ("input", "other"))
-    if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+    if "out" in kwargs or (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor)):
         return NotImplemented
     if not all(isinstance(v, (torch.Tensor, int, float, bool)) for v in (a, b)):
         return NotImplemented
@@ -138,7 +138,13 @@ def _binary(args: tuple, kwargs: dict) -> Any:
     return _meta(torch.broadcast_shapes(*shapes), dtype)
 
 
-register_shape_rule(("add", "sub", "mul", "div", "rsub", "maximum", "minimum", "pow"), _binary)
+def _both_tensors(args: tuple, kwargs: dict) -> Any:
+    a, b = bind(args, kwargs, ("input", "other"))
+    return _binary(args, kwargs) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else NotImplemented
+
+
+register_shape_rule(("add", "sub", "mul", "div", "rsub", "pow"), _binary)
+register_shape_rule(("maximum", "minimum"), _both_tensors)
 
 
 # ---------------------------------------------------------------- layers
@@ -162,12 +168,13 @@ def _sliding(size: int, kernel: int, stride: int, padding: int, dilation: int, c
 
 
 def _conv(args: tuple, kwargs: dict) -> Any:
-    x, weight, _, stride, padding, dilation = bind(
-        args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation")
-    )
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    x, weight, _, stride, padding, dilation, groups = bind(args, kwargs, names)
     spatial = weight.ndim - 2
-    if x.ndim not in (spatial + 1, spatial + 2) or not _floating(x):
+    if x.ndim not in (spatial + 1, spatial + 2) or not _floating(x) or "out" in kwargs:
         return NotImplemented
+    if x.shape[-spatial - 1] != weight.shape[1] * (1 if groups is None else int(groups)):
+        return NotImplemented  # torch's kernel raises the error the real call would
     strides, dilations = _tuple(stride, spatial, 1), _tuple(dilation, spatial, 1)
     sizes = x.shape[-spatial:]
     kernels = weight.shape[2:]
@@ -176,6 +183,8 @@ def _conv(args: tuple, kwargs: dict) -> Any:
     else:
         pads = (0,) * spatial if padding == "valid" else _tuple(padding, spatial, 0)
         out = [_sliding(sizes[i], kernels[i], strides[i], pads[i], dilations[i]) for i in range(spatial)]
+    if min(out, default=1) < 1:
+        return NotImplemented
     return _meta((*x.shape[: -spatial - 1], weight.shape[0], *out), x.dtype)
 
 
@@ -201,9 +210,13 @@ def _pool(spatial: int, has_dilation: bool) -> ShapeRule:
         )
         pads, dilations = _tuple(padding, spatial, 0), _tuple(dilation, spatial, 1)
         sizes = x.shape[-spatial:]
+        if any(pads[i] > kernels[i] // 2 for i in range(spatial)):
+            return NotImplemented  # refused by torch: its kernel says so
         out = [
             _sliding(sizes[i], kernels[i], strides[i], pads[i], dilations[i], bool(ceil_mode)) for i in range(spatial)
         ]
+        if min(out, default=1) < 1:
+            return NotImplemented
         return _meta((*x.shape[:-spatial], *out), x.dtype)
 
     return rule
@@ -231,7 +244,7 @@ for _d in (1, 2, 3):
 
 def _linear(args: tuple, kwargs: dict) -> Any:
     x, weight = bind(args, kwargs, ("input", "weight"))
-    if not _floating(x) or weight.ndim != 2:
+    if not _floating(x) or weight.ndim != 2 or x.ndim == 0 or x.shape[-1] != weight.shape[1]:
         return NotImplemented
     return _meta((*x.shape[:-1], weight.shape[0]), x.dtype)
 
@@ -244,8 +257,10 @@ def _embedding(args: tuple, kwargs: dict) -> Any:
 
 
 def _attention(args: tuple, kwargs: dict) -> Any:
-    query, _, value = bind(args, kwargs, ("query", "key", "value"))
-    if not _floating(query) or not _floating(value):
+    query, key, value = bind(args, kwargs, ("query", "key", "value"))
+    if not all(_floating(t) and t.ndim >= 2 for t in (query, key, value)):
+        return NotImplemented
+    if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]:
         return NotImplemented
     return _meta((*query.shape[:-1], value.shape[-1]), query.dtype)
 

@@ -49,7 +49,7 @@ class ChannelTracer(TorchFunctionMode):
     def __init__(self, model: nn.Module, excluded: Iterable[nn.Module] = (), shape_only: bool = False):
         super().__init__()
         #: Operations that read a meta tensor return meta tensors, computed by :mod:`.shapes` (the model
-        #: runs on meta copies of its float inputs; see :func:`prunekit.structure.dependencies.trace_with_output`).
+        #: runs on meta copies of its float inputs; see :func:`prunekit.structure.forward.run_traced`).
         self.shape_only = shape_only
         self.graph = ChannelGraph()
         self.labels: WeakIdKeyDictionary = WeakIdKeyDictionary()
