@@ -2,7 +2,7 @@
 
 The channel tracer needs the shapes, dtypes and identities of a model's activations, never their
 values. So it first runs the model on meta copies of its floating-point inputs (see
-:func:`prunekit.structure.dependencies.trace_with_output`): every operation that reads a meta tensor
+:func:`prunekit.structure.forward.run_traced`): every operation that reads a meta tensor
 returns a meta tensor, the model's own parameters stay where they are (the rules find them by
 identity), and nothing is computed. A forward that reads values (``if x.sum() > 0``, ``x.item()``,
 ``torch.nonzero``) raises on meta tensors, and the tracer then runs the model for real.
