@@ -21,15 +21,7 @@ from torch import nn
 
 from ..core.targets import Target
 from ..structure.dependencies import ChannelDependencies
-from ..structure.heads import HEAD_DIM_ATTRIBUTES, attention_head_counts
-
-
-def _head_size(module: nn.Module) -> int | None:
-    for name in HEAD_DIM_ATTRIBUTES:
-        value = getattr(module, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+from ..structure.heads import attention_head_counts, head_size
 
 
 def _inside(name: str, scope: str) -> bool:
@@ -42,7 +34,7 @@ def whole_attention(
     """``{module name: why}`` of the attention modules (see the module docstring) in which no attention
     head can be removed: the trace offered no head unit there, or no more head units than ``min_kept``
     (every family keeps that many)."""
-    attention = {name: module for name, module in model.named_modules() if _head_size(module) is not None}
+    attention = {name: module for name, module in model.named_modules() if head_size(module) is not None}
     if not attention:
         return {}
     head_units: dict[str, set[int]] = {}

@@ -36,15 +36,23 @@ def projection_width(layer: Any) -> int | None:
     return None
 
 
+def head_size(module: Any) -> int | None:
+    """The size of one attention head a module stores (its first positive int attribute among
+    :data:`HEAD_DIM_ATTRIBUTES`), None for a module without one."""
+    for name in HEAD_DIM_ATTRIBUTES:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def attention_head_counts(module: nn.Module) -> tuple[int, int | None, int] | None:
     """``(query heads, key/value heads or None, head size)`` of an attention module written in the
     Hugging Face / timm style (a head-size attribute next to query/key projections, or one fused
     projection computing q, k and v), counted from its projections' current widths; None for any
     other module."""
-    head_dim = next(
-        (getattr(module, a) for a in HEAD_DIM_ATTRIBUTES if isinstance(getattr(module, a, None), int)), None
-    )
-    if not head_dim:
+    head_dim = head_size(module)
+    if head_dim is None:
         return None
     query = next((getattr(module, n) for n in QUERY_NAMES if projection_width(getattr(module, n, None))), None)
     key = next((getattr(module, n) for n in KEY_NAMES if projection_width(getattr(module, n, None))), None)
